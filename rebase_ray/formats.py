@@ -1,0 +1,68 @@
+"""The student's text format, shared by transform (what the teacher is asked to write), train
+(what the student learns), evaluate (how its answer is read back) and distill.
+
+A training example is (instruction, input, rationale, output). The student sees the task
+instruction as the system message and the input as the user message, and learns to answer
+`rationale` + "\\nAnswer: " + `output` (or just `output` when there is no rationale).
+"""
+
+from __future__ import annotations
+
+import re
+
+ANSWER_PREFIX = "Answer:"
+_ANSWER_LINE = re.compile(r"(?im)^\s*(?:final\s+)?answer\s*:\s*")
+_ANSWER_IS = re.compile(r"(?i)\b(?:so\s+)?the\s+(?:final\s+)?answer\s+is\s*:?\s*")
+_FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n?(.*?)```", re.S)
+
+
+def student_messages(instruction: str, input_text: str) -> list[dict[str, str]]:
+    """The chat the student sees (no answer): system = task instruction, user = input."""
+    return [{"role": "system", "content": instruction}, {"role": "user", "content": input_text}]
+
+
+def student_target(output: str, rationale: str | None = None) -> str:
+    """What the student learns to write after the chat: rationale, then the final answer."""
+    rationale = (rationale or "").strip()
+    if not rationale:
+        return output.strip()
+    return f"{rationale}\n{ANSWER_PREFIX} {output.strip()}"
+
+
+def split_answer(text: str) -> tuple[str, str]:
+    """(rationale, final answer) from a model's text.
+
+    Recognises, last occurrence first: a line starting with "Answer:" / "Final answer:", then
+    "... so the answer is X". Text with neither marker is all answer and no rationale.
+    """
+    text = (text or "").strip()
+    lines = list(_ANSWER_LINE.finditer(text))
+    if lines:
+        m = lines[-1]
+        return text[: m.start()].strip(), _clean(text[m.end():])
+    spans = list(_ANSWER_IS.finditer(text))
+    if spans:
+        m = spans[-1]
+        answer = text[m.end():].strip().split("\n", 1)[0]
+        return text[: m.start()].strip(), _clean(answer)
+    return "", _clean(text)
+
+
+def final_answer(text: str) -> str:
+    return split_answer(text)[1]
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip()
+    fenced = _FENCE.search(answer)
+    if fenced:
+        return fenced.group(1).strip()
+    if "\n" not in answer:
+        answer = answer.strip().strip("\"'`*").rstrip(".").strip()
+    return answer
+
+
+def extract_code(text: str) -> str:
+    """The code in a model's answer: the first fenced block, else the text itself."""
+    fenced = _FENCE.search(text or "")
+    return (fenced.group(1) if fenced else (text or "")).strip()
