@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rebase-ray doctor
+	$(VENV)/bin/rebase-ray demo
 
 test: $(STAMP)
 	$(PY) -m pytest tests

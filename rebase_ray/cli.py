@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -82,7 +82,7 @@ def main(version: bool = typer.Option(False, "--version", help="print the versio
 
 @app.command()
 def doctor(
-    storage: Optional[str] = typer.Option(None, help="a storage URI to check (local or s3://)"),
+    storage: str | None = typer.Option(None, help="a storage URI to check (local or s3://)"),
     load_models: bool = typer.Option(True, help="load each bundled model (slower)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
@@ -93,6 +93,467 @@ def doctor(
     render(report, as_json, "rebase-ray doctor")
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def index(
+    sources: str = typer.Argument(..., help="sources.yaml"),
+    out: str = typer.Option(..., "--out", help="datastore URI (local path or s3://bucket/prefix)"),
+    shards: int | None = typer.Option(None, help="shard count (default: by target size)"),
+    index_type: str | None = typer.Option(None, "--index", help="auto | flat | hnsw | ivfpq"),
+    embedder: str | None = typer.Option(None, help="embedder ref (default bundled:minilm)"),
+    config: str | None = typer.Option(
+        None, "--config", help="a pipeline.yaml whose `index` section is the starting point"),
+    force: bool = typer.Option(False, "--force", help="rebuild every shard"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Build the datastore: read sources, embed cells on Ray, write sharded FAISS indexes."""
+    from rebase_ray.config import IndexConfig, load_pipeline, load_sources, validate
+    from rebase_ray.datastore import build_datastore
+
+    def build() -> dict:
+        base = load_pipeline(config) if config else None
+        data = (base.index if base else IndexConfig()).model_dump()
+        data.update({k: v for k, v in {"shards": shards, "index": index_type,
+                                        "embedder": embedder}.items() if v is not None})
+        cfg = validate(data, IndexConfig, "index options")
+        return build_datastore(load_sources(sources).sources, out, cfg,
+                               s3=base.s3 if base else None, force=force)
+
+    run_verb(build, title=f"rebase-ray index → {out}", as_json=as_json)
+
+
+@app.command()
+def transform(
+    task: str = typer.Argument(..., help="task.yaml"),
+    hits: str = typer.Option(..., "--hits", help="retrieval output (folder or hits.parquet)"),
+    teacher: str = typer.Option("local", "--teacher",
+                                help="an OpenAI-compatible base URL, or `local` to start the "
+                                     "configured teacher on Ray Serve for this run"),
+    out: str = typer.Option(..., "--out", help="output folder URI"),
+    config: str | None = typer.Option(
+        None, "--config", help="a pipeline.yaml: its `transform` and `teacher` sections"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """ReBase transformation: retrieved rows → task examples through the teacher."""
+    import contextlib
+    import os
+
+    from rebase_ray.config import TeacherConfig, TransformConfig, load_pipeline, load_task
+    from rebase_ray.serve.teacher import local_teacher
+    from rebase_ray.transform.pipeline import transform as run_transform
+
+    def go() -> dict:
+        pipe = load_pipeline(config) if config else None
+        teacher_cfg = pipe.teacher if pipe else TeacherConfig()
+        key = teacher_cfg.api_key or os.environ.get("REBASE_RAY_API_KEY")
+        sources = pipe.sources if pipe and isinstance(pipe.sources, list) else None
+        with (local_teacher(teacher_cfg) if teacher == "local"
+              else contextlib.nullcontext(teacher)) as url:
+            return run_transform(load_task(task), hits, url, out,
+                                 pipe.transform if pipe else TransformConfig(),
+                                 s3=pipe.s3 if pipe else None, api_key=key, sources=sources)
+
+    run_verb(go, title=f"rebase-ray transform → {out}", as_json=as_json)
+
+
+@app.command()
+def retrieve(
+    task: str = typer.Argument(..., help="task.yaml"),
+    datastore: str = typer.Option(..., "--datastore", help="datastore URI (from `index`)"),
+    out: str = typer.Option(..., "--out", help="output folder URI"),
+    top: int | None = typer.Option(None, "--top", help="rows to keep (default 3000)"),
+    config: str | None = typer.Option(
+        None, "--config", help="a pipeline.yaml whose `retrieve` section is the starting point"),
+    force: bool = typer.Option(False, "--force", help="rerun even if the output is complete"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """ReBase retrieval: score every datastore row for the task, keep the top N, decontaminate."""
+    from rebase_ray.config import RetrieveConfig, load_pipeline, load_task, validate
+    from rebase_ray.retrieve import retrieve as run_retrieve
+
+    def go() -> dict:
+        base = load_pipeline(config) if config else None
+        data = (base.retrieve if base else RetrieveConfig()).model_dump()
+        if top is not None:
+            data["top_n"] = top
+        cfg = validate(data, RetrieveConfig, "retrieve options")
+        return run_retrieve(load_task(task), datastore, out, cfg,
+                            s3=base.s3 if base else None, force=force)
+
+    run_verb(go, title=f"rebase-ray retrieve → {out}", as_json=as_json)
+
+
+@app.command()
+def train(
+    examples: str = typer.Argument(..., help="examples.parquet URI (input, output, rationale)"),
+    task: str = typer.Option(..., "--task", help="task.yaml"),
+    out: str = typer.Option(..., "--out", help="run folder URI: adapter/, checkpoints/, summary"),
+    config: str | None = typer.Option(
+        None, "--config", help="a pipeline.yaml whose `train` section is the starting point"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="step budget"),
+    model: str | None = typer.Option(None, help="student model ref"),
+    workers: int | None = typer.Option(None, help="Ray Train workers"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Fine-tune the student with LoRA on Ray Train (budgets, checkpoints, fault tolerance)."""
+    import ray
+
+    from rebase_ray.config import TrainConfig, load_pipeline, load_task, validate
+    from rebase_ray.train import train_student
+
+    def go() -> dict:
+        pipe = load_pipeline(config) if config else None
+        data = (pipe.train if pipe else TrainConfig()).model_dump()
+        data.update({k: v for k, v in {"max_steps": max_steps, "model": model,
+                                        "num_workers": workers}.items() if v is not None})
+        cfg = validate(data, TrainConfig, "train options")
+        if pipe and not ray.is_initialized():
+            ray.init(address=pipe.ray.address, num_cpus=pipe.ray.num_cpus,
+                     num_gpus=pipe.ray.num_gpus)
+        summary = train_student(examples, load_task(task), cfg, out, s3=pipe.s3 if pipe else None)
+        return summary if as_json else {k: v for k, v in summary.items() if k != "loss_curve"}
+
+    run_verb(go, title=f"rebase-ray train → {out}", as_json=as_json)
+
+
+@app.command("eval")
+def eval_(
+    task: str = typer.Argument(..., help="task.yaml with an `eval` set"),
+    adapter: str | None = typer.Option(None, help="LoRA adapter URI (from `train`)"),
+    model: str | None = typer.Option(None, help="base model ref (default: the student)"),
+    out: str | None = typer.Option(None, "--out",
+                                      help="folder URI for report.json and report.html"),
+    config: str | None = typer.Option(
+        None, "--config", help="a pipeline.yaml: its `evaluate` and `train` sections"),
+    max_examples: int | None = typer.Option(None, "--max-examples"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Evaluate the student (and the base model as baseline) per domain; write the report."""
+    import ray
+
+    from rebase_ray.config import EvaluateConfig, TrainConfig, load_pipeline, load_task, validate
+    from rebase_ray.evaluate import evaluate, metric_rows
+    from rebase_ray.evaluate.report import write_report
+    from rebase_ray.storage import Storage
+    from rebase_ray.tasks import load_eval_set
+
+    def go() -> dict:
+        pipe = load_pipeline(config) if config else None
+        s3 = pipe.s3 if pipe else None
+        data = (pipe.evaluate if pipe else EvaluateConfig()).model_dump()
+        if max_examples is not None:
+            data["max_examples"] = max_examples
+        cfg = validate(data, EvaluateConfig, "eval options")
+        task_cfg = load_task(task)
+        eval_set = load_eval_set(task_cfg, s3)
+        if not eval_set.records:
+            raise ConfigError(f"{task}: no eval records (`eval` missing, or every row rejected: "
+                              f"{len(eval_set.rejects)} rejects)")
+        if pipe and not ray.is_initialized():
+            ray.init(address=pipe.ray.address, num_cpus=pipe.ray.num_cpus,
+                     num_gpus=pipe.ray.num_gpus)
+        ref = model or (pipe.train.model if pipe else TrainConfig().model)
+        result = evaluate(task_cfg, eval_set.records, ref, adapter, cfg, s3)
+        summary = {"task": task_cfg.name, "model": ref, "adapter": adapter, "n": result["n"],
+                   "eval_rejects": len(eval_set.rejects), "seconds": result["seconds"],
+                   "examples_per_s": result["examples_per_s"]}
+        if out:
+            report = {"title": f"rebase-ray: {task_cfg.name}", "task": task_cfg.model_dump(),
+                      "evaluation": result}
+            if adapter:  # `train` writes its summary beside the adapter
+                st = Storage.for_uri(adapter, s3)
+                train_summary = st.join(adapter.rstrip("/").rsplit("/", 1)[0],
+                                        "train_summary.json")
+                if st.exists(train_summary):
+                    report["training"] = st.read_json(train_summary)
+            summary["report_json"], summary["report_html"] = write_report(out, report, s3)
+        summary["metrics"] = metric_rows(result)
+        return summary
+
+    run_verb(go, title=f"rebase-ray eval {task}", as_json=as_json)
+
+
+@app.command()
+def distill(
+    pipeline: str = typer.Argument(..., help="pipeline.yaml (task, teacher, distill, train, "
+                                             "evaluate sections)"),
+    examples: str | None = typer.Option(
+        None, "--examples", help="example pool URI (default: <storage_root>/transform)"),
+    out: str | None = typer.Option(None, "--out",
+                                      help="output URI (default: <storage_root>/distill)"),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="an OpenAI-compatible base URL, or `local` to start the "
+                                "configured teacher on Ray Serve (default: teacher.url or local)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """BalDistill: K budgeted stages of head/tail-balanced selection, synthesis, LoRA training
+    and per-domain evaluation (resumes at the first unfinished stage)."""
+    import contextlib
+    import os
+
+    import ray
+
+    from rebase_ray.config import load_pipeline
+    from rebase_ray.distill import distill as run_distill
+    from rebase_ray.serve.teacher import local_teacher
+    from rebase_ray.storage import Storage
+
+    def go() -> dict:
+        pipe = load_pipeline(pipeline)
+        if isinstance(pipe.task, str):
+            raise ConfigError(f"{pipeline}: task {pipe.task!r} was not loaded")
+        pool = examples or Storage.join(pipe.storage_root, "transform")
+        dest = out or Storage.join(pipe.storage_root, "distill")
+        url = teacher or pipe.teacher.url or "local"
+        key = pipe.teacher.api_key or os.environ.get("REBASE_RAY_API_KEY")
+        if not ray.is_initialized():
+            ray.init(address=pipe.ray.address, num_cpus=pipe.ray.num_cpus,
+                     num_gpus=pipe.ray.num_gpus, log_to_driver=False)
+        with (local_teacher(pipe.teacher) if url == "local"
+              else contextlib.nullcontext(url)) as base_url:
+            return run_distill(pipe.task, pool, dest, pipe.distill, pipe.train, pipe.evaluate,
+                               teacher_url=base_url, api_key=key, s3=pipe.s3)
+
+    run_verb(go, title=f"rebase-ray distill → {out or 'storage_root/distill'}", as_json=as_json)
+
+
+serve_app = typer.Typer(no_args_is_help=True,
+                        help="Run an endpoint on Ray Serve (until Ctrl+C).")
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("teacher")
+def serve_teacher(
+    config: str | None = typer.Option(
+        None, "--config", help="a pipeline.yaml whose `teacher` section is the starting point"),
+    model: str | None = typer.Option(None, help="model ref (bundled:..., hub id or path)"),
+    backend: str | None = typer.Option(None, help="transformers | vllm"),
+    adapter: str | None = typer.Option(None, help="a LoRA adapter folder or s3:// URI"),
+    host: str | None = typer.Option(None, help="default 127.0.0.1"),
+    port: int | None = typer.Option(None, help="default 8000; 0 = a free port"),
+    route_prefix: str | None = typer.Option(None, help="default /"),
+    max_batch_size: int | None = typer.Option(None, help="dynamic batching: rows per batch"),
+    min_replicas: int | None = typer.Option(None),
+    max_replicas: int | None = typer.Option(None),
+    num_cpus: float | None = typer.Option(None, help="CPUs per replica"),
+    num_gpus: float | None = typer.Option(None, help="GPUs per replica"),
+    address: str | None = typer.Option(None, help="Ray address (default: local Ray)"),
+    print_config: bool = typer.Option(
+        False, "--print-config",
+        help="print the Serve config YAML (serve deploy / KubeRay RayService) and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """The teacher LLM behind OpenAI's chat API (API key: $REBASE_RAY_API_KEY)."""
+    import yaml
+
+    from rebase_ray.config import TeacherConfig, load_pipeline, validate
+
+    top = {"model": model, "backend": backend, "adapter": adapter,
+           "max_batch_size": max_batch_size}
+    served = {"host": host, "port": port, "route_prefix": route_prefix,
+              "min_replicas": min_replicas, "max_replicas": max_replicas,
+              "num_cpus": num_cpus, "num_gpus": num_gpus}
+    try:
+        base = load_pipeline(config).teacher if config else TeacherConfig()
+        data = base.model_dump()
+        data.update({k: v for k, v in top.items() if v is not None})
+        data["serve"].update({k: v for k, v in served.items() if v is not None})
+        cfg = validate(data, TeacherConfig, "serve teacher options")
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    from rebase_ray.serve.teacher import serve_config
+    from rebase_ray.serve.teacher import serve_teacher as run_teacher
+    from rebase_ray.teacher.vllm_backend import VLLMUnavailable
+
+    if print_config:
+        try:
+            typer.echo(yaml.safe_dump(serve_config(cfg), sort_keys=False), nl=False)
+        except USER_ERRORS as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        return
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        run_verb(run_teacher, cfg, lambda url: console.print(f"teacher at {url} (Ctrl+C stops)"),
+                 title="rebase-ray serve teacher", as_json=as_json)
+    except VLLMUnavailable as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+
+@serve_app.command("retriever")
+def serve_retriever(
+    datastore: str = typer.Option(..., "--datastore", help="datastore URI (from `index`)"),
+    config: str | None = typer.Option(
+        None, "--config", help="a pipeline.yaml whose `retrieve` section is the starting point"),
+    host: str | None = typer.Option(None, help="default 127.0.0.1"),
+    port: int | None = typer.Option(None, help="default 8000; 0 = a free port"),
+    route_prefix: str | None = typer.Option(None, help="default /retriever"),
+    min_replicas: int | None = typer.Option(None),
+    max_replicas: int | None = typer.Option(None),
+    num_cpus: float | None = typer.Option(None, help="CPUs per replica"),
+    address: str | None = typer.Option(None, help="Ray address (default: local Ray)"),
+    print_config: bool = typer.Option(
+        False, "--print-config",
+        help="print the Serve config YAML (serve deploy / KubeRay RayService) and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """The retriever: POST /retrieve {instruction, examples, top_n} (key: $REBASE_RAY_API_KEY)."""
+    import yaml
+
+    from rebase_ray.config import RetrieveConfig, load_pipeline, validate
+
+    served = {"host": host, "port": port, "route_prefix": route_prefix,
+              "min_replicas": min_replicas, "max_replicas": max_replicas, "num_cpus": num_cpus}
+    try:
+        pipe = load_pipeline(config) if config else None
+        data = (pipe.retrieve if pipe else RetrieveConfig()).model_dump()
+        data["serve"].update({k: v for k, v in served.items() if v is not None})
+        cfg = validate(data, RetrieveConfig, "serve retriever options")
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    from rebase_ray.serve.retriever import serve_config
+    from rebase_ray.serve.retriever import serve_retriever as run_retriever
+
+    if print_config:
+        typer.echo(yaml.safe_dump(serve_config(datastore, cfg), sort_keys=False), nl=False)
+        return
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    run_verb(run_retriever, datastore, cfg,
+             lambda url: console.print(f"retriever at {url}/retrieve (Ctrl+C stops)"),
+             s3=pipe.s3 if pipe else None, title="rebase-ray serve retriever", as_json=as_json)
+
+
+@serve_app.command("student")
+def serve_student(
+    adapter: str = typer.Option(..., "--adapter", help="the LoRA adapter (folder or s3:// URI)"),
+    model: str | None = typer.Option(
+        None, help="the base model (default: the pipeline's train.model)"),
+    config: str | None = typer.Option(None, "--config", help="a pipeline.yaml"),
+    host: str | None = typer.Option(None, help="default 127.0.0.1"),
+    port: int | None = typer.Option(None, help="default 8000; 0 = a free port"),
+    address: str | None = typer.Option(None, help="Ray address (default: local Ray)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """The trained student (base model + LoRA adapter) behind the teacher's OpenAI API."""
+    from rebase_ray.config import TrainConfig, load_pipeline
+
+    try:
+        base_model = model or (load_pipeline(config).train if config else TrainConfig()).model
+    except USER_ERRORS as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    serve_teacher(config=config, model=base_model, backend="transformers", adapter=adapter,
+                  host=host, port=port, route_prefix=None, max_batch_size=None,
+                  min_replicas=None, max_replicas=None, num_cpus=None, num_gpus=None,
+                  address=address, print_config=False, as_json=as_json)
+
+
+def _stage_progress(stage: str, status: str) -> None:
+    console.print(f"[bold]{stage}[/bold]: {status}")
+
+
+@app.command()
+def run(
+    pipeline: str = typer.Argument(..., help="pipeline.yaml"),
+    only: list[str] | None = typer.Option(
+        None, "--only", help="run only these stages (repeatable): index, retrieve, transform, "
+                             "distill, evaluate"),
+    force: bool = typer.Option(False, "--force", help="rerun stages even when up to date"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """The whole pipeline, resumable: index → retrieve → transform → distill → evaluate."""
+    from rebase_ray.config import load_pipeline
+    from rebase_ray.pipeline import run as run_pipeline
+
+    run_verb(lambda: run_pipeline(load_pipeline(pipeline), only=only, force=force,
+                                  on_stage=_stage_progress),
+             title=f"rebase-ray run {pipeline}", as_json=as_json)
+
+
+@app.command()
+def demo(
+    folder: str | None = typer.Option(
+        None, "--dir", help="the demo folder (default: examples/demo of this checkout)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """The offline demo: BBC News topic classification learned from chatbot conversations,
+    with the bundled models, on local Ray and local files (./artifacts/demo)."""
+    from pathlib import Path
+
+    from rebase_ray.config import load_pipeline
+    from rebase_ray.demo import prepare
+    from rebase_ray.pipeline import run as run_pipeline
+
+    where = Path(folder) if folder else Path(__file__).resolve().parent.parent / "examples" / "demo"
+    if not (where / "pipeline.yaml").exists():
+        console.print(f"[red]error:[/red] no pipeline.yaml in {where} (use --dir)")
+        raise typer.Exit(2)
+    console.print(f"demo data: {prepare(where)['bbc']} BBC articles (test/source) and "
+                  "chatterbot-corpus conversations")
+    summary = run_verb(lambda: run_pipeline(load_pipeline(where / "pipeline.yaml"),
+                                            on_stage=_stage_progress),
+                       title="rebase-ray demo", as_json=as_json)
+    if summary.get("report"):
+        console.print(f"report: {summary['report']}")
+
+
+@app.command()
+def submit(
+    pipeline: str = typer.Argument(..., help="pipeline.yaml (its folder travels with the job)"),
+    address: str = typer.Option(..., "--address", help="the Ray dashboard, http://HEAD:8265"),
+    stage: str | None = typer.Option(None, help="one stage only (default: the whole run)"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the job and print its logs"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Submit the run (or one stage) to a Ray cluster as a Ray Job."""
+    from rebase_ray import submit as jobs
+
+    def go() -> dict:
+        job_id = jobs.submit(pipeline, address, stage=stage)
+        info = jobs.wait(address, job_id) if wait else jobs.status(address, job_id)
+        return {**info, **({"logs": jobs.logs(address, job_id)[-4000:]} if wait else {})}
+
+    summary = run_verb(go, title="rebase-ray submit", as_json=as_json)
+    if wait and summary["status"] != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray Jobs submitted with `submit`.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: str = typer.Option(..., "--address"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's status."""
+    from rebase_ray import submit as jobs
+
+    run_verb(jobs.status, address, job_id, title=f"job {job_id}", as_json=as_json)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: str = typer.Option(..., "--address")) -> None:
+    """A job's logs."""
+    from rebase_ray import submit as jobs
+
+    typer.echo(jobs.logs(address, job_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: str = typer.Option(..., "--address")) -> None:
+    """Stop a running job."""
+    from rebase_ray import submit as jobs
+
+    typer.echo("stopped" if jobs.stop(address, job_id) else "not running")
 
 
 if __name__ == "__main__":

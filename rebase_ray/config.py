@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 # ----------------------------------------------------------------------------- storage
@@ -126,6 +126,10 @@ class IndexConfig(Strict):
     num_actors: int = Field(default=1, gt=0)
     num_cpus_per_actor: float = Field(default=1, gt=0)
     num_gpus_per_actor: float = Field(default=0, ge=0)
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="threads per embedding actor; None: its CPU count")
+    encode_batch_size: int = Field(default=64, gt=0, description="sentence-transformers batch")
+    build_cpus: float = Field(default=1, gt=0, description="CPUs per shard-index build task")
     max_value_chars: int = Field(default=2000, gt=0, description="values are cut to this length")
     reject_value_chars: int = Field(
         default=100_000, gt=0, description="values longer than this are rejected, not cut")
@@ -137,12 +141,19 @@ class IndexConfig(Strict):
     hnsw_max_cells: int = Field(default=1_000_000, gt=0)
     train_sample: int = Field(default=100_000, gt=0)
 
+    def build_hash(self) -> str:
+        """Hash of the fields that change what is built (not how many resources build it)."""
+        return config_hash(self.model_dump(exclude={
+            "batch_size", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor",
+            "torch_threads", "encode_batch_size", "build_cpus"}))
+
 
 class ServeConfig(Strict):
     """How an endpoint is served (shared by the teacher and the retriever)."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=8000, gt=0, lt=65536)
+    port: int | None = Field(default=8000, ge=0, lt=65536, description="0 or None: a free port")
+    route_prefix: str = Field(default="/", pattern=r"^/", description="the app's URL prefix")
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, gt=0)
     target_ongoing_requests: float = Field(default=8, gt=0)
@@ -154,12 +165,15 @@ class ServeConfig(Strict):
 
 
 class RetrieveConfig(Strict):
-    top_n: int = Field(default=3000, gt=0)
-    candidates_per_query: int = Field(default=2000, gt=0)
-    per_dataset_cap: int | None = Field(default=None, gt=0)
-    diversity: bool = False
-    ngram: int = Field(default=13, gt=0)
-    serve: ServeConfig = ServeConfig()
+    top_n: int = Field(default=3000, gt=0, description="rows kept (ReBase: 3,000)")
+    candidates_per_query: int = Field(
+        default=2000, gt=0, description="ANN cells per query vector per shard (at least top_n)")
+    per_dataset_cap: int | None = Field(default=None, gt=0, description="off: the paper")
+    diversity: bool = Field(default=False, description="MMR re-rank; off: the paper")
+    diversity_weight: float = Field(default=0.7, gt=0, le=1, description="MMR score weight")
+    ngram: int = Field(default=13, gt=0, description="n of the eval-set n-gram overlap check")
+    shard_cpus: float = Field(default=0.25, gt=0, description="CPUs per shard actor")
+    serve: ServeConfig = ServeConfig(route_prefix="/retriever")  # beside the teacher at /
 
 
 class TeacherConfig(Strict):
@@ -168,9 +182,14 @@ class TeacherConfig(Strict):
     url: str | None = Field(default=None, description="an OpenAI-compatible base URL to use")
     api_key: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    adapter: str | None = Field(
+        default=None, description="a peft LoRA adapter (local path or s3:// URI) on top of model")
+    served_model_name: str | None = Field(default=None, description="default: the model ref")
     max_batch_size: int = Field(default=8, gt=0)
     batch_wait_timeout_s: float = Field(default=0.1, ge=0)
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(default=None, gt=0, description="vLLM's max_model_len")
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="torch threads per replica; None: its CPUs rounded up")
     serve: ServeConfig = ServeConfig()
 
 
@@ -184,18 +203,35 @@ class TransformConfig(Strict):
     max_value_chars: int = Field(default=250, gt=0)
     max_row_chars: int = Field(default=2000, gt=0)
     max_output_chars: int = Field(default=2000, gt=0)
-    near_duplicate_threshold: float = Field(default=0.85, gt=0, le=1)
+    near_duplicate_threshold: float = Field(default=0.7, gt=0, le=1)
 
 
 class DistillConfig(Strict):
     stages: int = Field(default=3, gt=0)
-    budget: int = Field(default=300, gt=0, description="total teacher budget B (examples)")
+    budget: int = Field(default=300, gt=0, description="total teacher budget B (teacher calls)")
     mode: Literal["random", "balanced", "adaptive"] = "adaptive"
     domain_from: Literal["eval_domain", "column", "dataset", "label"] = "dataset"
     domain_column: str | None = None
-    synth_shots: int = Field(default=3, gt=0)
+    synth_shots: int = Field(default=3, gt=0, description="domain examples shown per synthesis")
+    ifd_candidates: int = Field(
+        default=4, gt=0, description="head candidates scored per unit of quota (IFD cost cap)")
     ifd_batch_size: int = Field(default=8, gt=0)
+    ifd_max_new_tokens: int = Field(default=64, gt=0, description="length of the student's ŷ")
+    ifd_actors: int = Field(default=1, gt=0)
+    ifd_num_cpus: float = Field(default=1, gt=0)
+    ifd_num_gpus: float = Field(default=0, ge=0)
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_tokens: int = Field(default=256, gt=0, description="teacher reply length")
+    concurrency: int = Field(default=8, gt=0, description="teacher requests in flight")
+    max_output_chars: int = Field(default=2000, gt=0)
+    near_duplicate_threshold: float = Field(default=0.7, gt=0, le=1)
     seed: int = 0
+
+    def plan_hash(self) -> str:
+        """Hash of the fields that change what a run selects (not its resources)."""
+        return config_hash(self.model_dump(exclude={
+            "ifd_batch_size", "ifd_actors", "ifd_num_cpus", "ifd_num_gpus", "concurrency"}))
 
 
 class LoraConfig(Strict):
@@ -229,9 +265,15 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(default=8, gt=0)
     max_new_tokens: int = Field(default=64, gt=0)
     num_actors: int = Field(default=1, gt=0)
+    num_cpus_per_actor: float = Field(default=1, gt=0)
+    num_gpus_per_actor: float = Field(default=0, ge=0)
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="torch threads per actor; None: its CPUs rounded up")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_examples: int | None = Field(default=None, gt=0)
     code_timeout_s: float = Field(default=10, gt=0)
-    baseline: bool = True
+    code_memory_mb: int = Field(default=512, gt=0)
+    baseline: bool = Field(default=True, description="also answer with the adapter switched off")
 
 
 # ----------------------------------------------------------------------------- pipeline.yaml
@@ -359,6 +401,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     base = Path(str(path)).parent
     if isinstance(cfg.task, str):
         cfg.task = load_task(_relative_to(cfg.task, base))
+    elif cfg.task.eval is not None:
+        cfg.task.eval.path = _relative_to(cfg.task.eval.path, base)
     if isinstance(cfg.sources, str):
         cfg.sources = load_sources(_relative_to(cfg.sources, base)).sources
     else:

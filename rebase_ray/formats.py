@@ -13,7 +13,7 @@ import re
 ANSWER_PREFIX = "Answer:"
 _ANSWER_LINE = re.compile(r"(?im)^\s*(?:final\s+)?answer\s*:\s*")
 _ANSWER_IS = re.compile(r"(?i)\b(?:so\s+)?the\s+(?:final\s+)?answer\s+is\s*:?\s*")
-_FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n?(.*?)```", re.S)
+_FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n?(.*?)```", re.DOTALL)
 
 
 def student_messages(instruction: str, input_text: str) -> list[dict[str, str]]:

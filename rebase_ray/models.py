@@ -13,7 +13,9 @@ References:
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +165,28 @@ def load_causal_lm(ref: str, device: str | None = None, dtype: str = "auto"):
     model = AutoModelForCausalLM.from_pretrained(resolve(ref), dtype=torch_dtype(dtype, device))
     model.to(device).eval()
     return model, tok
+
+
+def set_torch_threads(num_cpus: float, threads: int | None = None) -> int:
+    """Threads for torch in a Ray actor: `threads` when given, else its CPU share rounded up
+    (Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors, which wastes a laptop's cores)."""
+    import torch
+
+    n = threads or max(1, math.ceil(num_cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+def load_adapter(model, adapter: str, s3=None, merge: bool = False):
+    """`model` with a peft LoRA adapter (a folder or an s3:// URI) on top, in eval mode; merged
+    into the weights when `merge` (faster, but the adapter can no longer be switched off)."""
+    from peft import PeftModel
+
+    from rebase_ray.storage import Storage, is_remote
+
+    with tempfile.TemporaryDirectory(prefix="rebase-ray-adapter-") as tmp:
+        folder = adapter
+        if is_remote(adapter):
+            folder = Storage.for_uri(adapter, s3).download_dir(adapter, tmp)
+        peft_model = PeftModel.from_pretrained(model, folder)
+    return (peft_model.merge_and_unload() if merge else peft_model).eval()

@@ -91,6 +91,18 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def serve_port(ray_cluster) -> int:
+    """Serve's HTTP proxy on 127.0.0.1:<free port> for one test module; apps deployed on it
+    are removed by `serve.shutdown()` at the end of the module, which releases their CPUs."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

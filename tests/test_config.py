@@ -3,8 +3,15 @@ import textwrap
 import pytest
 
 from rebase_ray.config import (
-    ConfigError, PipelineConfig, SourcesFile, TaskConfig, load_pipeline, load_sources, load_task,
-    validate)
+    ConfigError,
+    PipelineConfig,
+    SourcesFile,
+    TaskConfig,
+    load_pipeline,
+    load_sources,
+    load_task,
+    validate,
+)
 
 
 def write(tmp_path, name, text):
@@ -64,6 +71,18 @@ def test_pipeline_resolves_files(tmp_path):
     assert cfg.sources[0].name == "bbc_news"
     assert cfg.train.max_steps == 5 and cfg.train.lora.r == 4
     assert cfg.storage_root == "./artifacts"
+
+
+def test_inline_task_eval_path_is_relative_to_the_pipeline(tmp_path):
+    p = write(tmp_path, "pipeline.yaml", """
+        datastore: s3://bucket/ds
+        task:
+          name: t
+          instruction: i
+          examples: [{input: a, output: b}]
+          eval: {path: data/eval.jsonl, input: q, output: a}
+    """)
+    assert load_pipeline(p).task.eval.path == str(tmp_path / "data" / "eval.jsonl")
 
 
 def test_unknown_key_names_file_and_key(tmp_path):

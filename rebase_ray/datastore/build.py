@@ -1,0 +1,317 @@
+"""Build a datastore: sources → cells → embeddings → sharded FAISS indexes on storage.
+
+1. Sources whose shards are already built and intact (same build config, same source
+   fingerprints, checksums verified) are kept; the others form this run's *group*.
+2. The group's sources are read into cells (`rebase_ray.sources`), each row assigned to one
+   of the group's shards by the hash of its row key (a row never spans shards).
+3. Cells of shards not finished yet (a crashed run leaves finished shards with their
+   `shard.json`) and the sources' descriptions are embedded by an actor pool and staged as
+   Parquet partitioned by shard.
+4. One Ray task per shard sorts its cells, writes cells.parquet, vectors.npy and index.faiss
+   and their checksums.
+5. sources.parquet, rejects.parquet and, last, manifest.json are written.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from rebase_ray.config import IndexConfig, S3Config, SourceConfig, config_hash
+from rebase_ray.datastore.embed import VECTOR, column_vectors, embed_dataset
+from rebase_ray.datastore.index import build_index, choose_factory, search_params
+from rebase_ray.sources import (
+    CELL_COLUMNS,
+    CELL_SCHEMA,
+    REJECT_SCHEMA,
+    fingerprint,
+    list_files,
+    read_sources,
+    row_hash,
+)
+from rebase_ray.storage import ChecksumError, Storage, StorageError, open_storage
+
+FORMAT_VERSION = 1
+SHARD_FILES = ("index.faiss", "cells.parquet", "vectors.npy")
+SOURCES_SCHEMA = pa.schema([("name", pa.string()), ("description", pa.string()),
+                            ("vector", pa.list_(pa.float32())), ("domain", pa.string()),
+                            ("license", pa.string()), ("rows", pa.int64()),
+                            ("cells", pa.int64())])
+DESCRIPTIONS = -1  # the staging partition that carries the source descriptions
+SORT = [("dataset", "ascending"), ("row_idx", "ascending"), ("column", "ascending")]
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+class AssignShard:
+    """Ray Data batch function: a `shard` column from the row key; drops finished shards."""
+
+    def __init__(self, base: int, count: int, finished: set[int]):
+        self.base, self.count, self.finished = base, count, finished
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        shards = [self.base + row_hash(k) % self.count for k in batch["row_key"].to_pylist()]
+        batch = batch.append_column("shard", pa.array(shards, pa.int64()))
+        keep = [s not in self.finished for s in shards]
+        return batch.filter(pa.array(keep)) if not all(keep) else batch
+
+
+def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
+                    s3: S3Config | None = None, force: bool = False) -> dict:
+    """Build (or complete, or extend) the datastore at `out`; returns a summary."""
+    import ray
+
+    start = time.time()
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)
+    st, out = open_storage(out, s3)
+    build_hash = cfg.build_hash()
+    old = None if force else st.read_manifest(out)
+    if old is not None and (old.get("config_hash") != build_hash
+                            or old.get("format") != FORMAT_VERSION):
+        old = None
+    files = {s.name: list_files(s, s3) for s in sources}
+    prints = {s.name: fingerprint(s, files[s.name]) for s in sources}
+    kept_shards, kept_sources = _intact(st, out, old, prints)
+    todo = [s for s in sources if s.name not in kept_sources]
+    work = {"cells_embedded": 0, "descriptions_embedded": 0, "shards_built": 0,
+            "shards_resumed": 0, "shards_kept": len(kept_shards)}
+
+    shards = list(kept_shards)
+    source_rows = _old_table(st, out, old, "sources.parquet", SOURCES_SCHEMA, kept_sources,
+                             "name")
+    rejects = _old_table(st, out, old, "rejects.parquet", REJECT_SCHEMA, kept_sources, "source")
+    stats = {name: {**old["sources"][name], "status": "kept"} for name in kept_sources}
+    dim = old["dim"] if kept_sources else None
+    if todo:
+        group = config_hash(build_hash, sorted(prints[s.name] for s in todo))
+        read = read_sources(todo, cfg, s3, files)
+        total = sum(v["cells"] for v in read.stats.values())
+        count = cfg.shards or max(1, math.ceil(total / cfg.target_shard_cells))
+        base = max((s["id"] for s in kept_shards), default=-1) + 1
+        finished = {}
+        for i in range(base, base + count) if not force else ():
+            entry = _finished_shard(st, out, i, group, count)
+            if entry is not None:
+                finished[i] = entry
+        staging = st.join(out, "_staging", group)
+        st.delete(staging, recursive=True)
+        to_embed = read.cells.map_batches(AssignShard(base, count, set(finished)),
+                                          batch_format="pyarrow")
+        to_embed = to_embed.union(_descriptions(todo, read.descriptions))
+        embed_dataset(to_embed, cfg).write_parquet(
+            st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
+        desc = _read_partition(st, staging, DESCRIPTIONS)
+        dim = int(desc[VECTOR].type.list_size)
+        todo_ids = [i for i in range(base, base + count) if i not in finished]
+        built = _build_shards(st, out, s3, staging, todo_ids, count, group, dim, cfg)
+        st.delete(staging, recursive=True)
+        shards += sorted([*finished.values(), *built], key=lambda s: s["id"])
+        work["cells_embedded"] = sum(s["cells"] for s in built)
+        work["descriptions_embedded"] = desc.num_rows
+        work["shards_built"] = len(built)
+        work["shards_resumed"] = len(finished)
+        source_rows = pa.concat_tables([source_rows, _source_table(todo, read, desc)])
+        rejects = pa.concat_tables([rejects, read.rejects])
+        for s in todo:
+            stats[s.name] = {**read.stats[s.name], "fingerprint": prints[s.name],
+                             "group": group, "status": "built"}
+    if dim is None:
+        raise StorageError(f"nothing to build into {out}: no sources given")
+
+    top_files = {"sources.parquet": _write(st, out, "sources.parquet", source_rows),
+                 "rejects.parquet": _write(st, out, "rejects.parquet", rejects)}
+    _remove_stale_shards(st, out, {shard_name(s["id"]) for s in shards})
+    manifest = {
+        "format": FORMAT_VERSION, "embedder": cfg.embedder, "dim": dim, "metric": "ip",
+        "config_hash": build_hash, "index_config": cfg.model_dump(mode="json"),
+        "shards": shards, "files": top_files,
+        "sources": {name: {k: v for k, v in stats[name].items() if k != "status"}
+                    for name in sorted(stats)},
+        "written_at": time.time(),
+    }
+    st.write_json(st.join(out, "manifest.json"), manifest)
+    return _summary(out, manifest, stats, work, time.time() - start)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _intact(st: Storage, out: str, old: dict | None, prints: dict[str, str]
+            ) -> tuple[list[dict], set[str]]:
+    """Shards (and their sources) from the previous build that can be kept as they are: every
+    source of their group is unchanged and every file matches its checksum."""
+    if old is None:
+        return [], set()
+    groups: dict[str, list[str]] = {}
+    for name, entry in old["sources"].items():
+        groups.setdefault(entry["group"], []).append(name)
+    shards, names = [], set()
+    for group, members in groups.items():
+        if not all(prints.get(n) == old["sources"][n]["fingerprint"] for n in members):
+            continue
+        mine = [s for s in old["shards"] if s["group"] == group]
+        if all(_verified(st, out, s) for s in mine):
+            shards += mine
+            names.update(members)
+    return shards, names
+
+
+def _verified(st: Storage, out: str, entry: dict) -> bool:
+    try:
+        st.verify(out, {"files": entry["files"]})
+    except ChecksumError:
+        return False
+    return True
+
+
+def _finished_shard(st: Storage, out: str, i: int, group: str, count: int) -> dict | None:
+    """The entry of a shard that an interrupted run of the same group already finished."""
+    uri = st.join(out, "shards", shard_name(i), "shard.json")
+    if not st.exists(uri):
+        return None
+    entry = st.read_json(uri)
+    if entry.get("group") != group or entry.get("of") != count:
+        return None
+    return entry if _verified(st, out, entry) else None
+
+
+def _old_table(st: Storage, out: str, old: dict | None, name: str, schema: pa.Schema,
+               keep: set[str], column: str) -> pa.Table:
+    if old is None or not keep:
+        return schema.empty_table()
+    st.verify(out, {"files": {name: old["files"][name]}})
+    table = st.read_parquet(st.join(out, name)).cast(schema)
+    mask = [v in keep for v in table[column].to_pylist()]
+    return table.filter(pa.array(mask, pa.bool_()))
+
+
+def _remove_stale_shards(st: Storage, out: str, names: set[str]) -> None:
+    for uri in st.ls(st.join(out, "shards")):
+        if uri.rstrip("/").rsplit("/", 1)[-1] not in names:
+            st.delete(uri, recursive=True)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _descriptions(sources: list[SourceConfig], descriptions: dict[str, str]):
+    """Descriptions ride along with the cells through the embedding actors (partition -1)."""
+    import ray
+
+    rows: dict[str, list] = {name: [None] * len(sources)
+                             for name in [*CELL_COLUMNS, "row_key"]}
+    rows["dataset"] = [s.name for s in sources]
+    rows["value"] = [descriptions[s.name] or s.name for s in sources]
+    rows["row_idx"] = [-1] * len(sources)
+    rows["shard"] = [DESCRIPTIONS] * len(sources)
+    schema = CELL_SCHEMA.append(pa.field("row_key", pa.string())).append(
+        pa.field("shard", pa.int64()))
+    return ray.data.from_arrow(pa.table(rows, schema=schema))
+
+
+def _read_partition(st: Storage, staging: str, shard: int) -> pa.Table | None:
+    folder = st.join(staging, f"shard={shard}")
+    if not st.exists(folder):
+        return None
+    return pa.concat_tables([st.read_parquet(f) for f in st.glob(folder)
+                             if f.endswith(".parquet")])
+
+
+def _build_shards(st: Storage, out: str, s3: S3Config | None, staging: str, ids: list[int],
+                  count: int, group: str, dim: int, cfg: IndexConfig) -> list[dict]:
+    import ray
+
+    task = ray.remote(build_shard).options(num_cpus=cfg.build_cpus)
+    pending = [task.remote(out, s3, staging, i, count, group, dim, cfg) for i in ids]
+    built = []
+    with tqdm(total=len(pending), desc="shard indexes", unit="shard", leave=False) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            built.append(ray.get(ready[0]))
+            bar.update(1)
+    return built
+
+
+def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int, group: str,
+                dim: int, cfg: IndexConfig) -> dict:
+    """One shard (a Ray task): staged cells+vectors → cells.parquet, vectors.npy, index.faiss
+    in a fixed row order (dataset, row_idx, column) that is also the FAISS id order."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(cfg.build_cpus)))
+    st = Storage.for_uri(out, s3)
+    table = _read_partition(st, staging, i)
+    if table is None or table.num_rows == 0:
+        cells = CELL_SCHEMA.empty_table()
+        vectors = np.zeros((0, dim), np.float32)
+        rows = 0
+    else:
+        table = table.sort_by(SORT)
+        cells = table.select(CELL_COLUMNS).cast(CELL_SCHEMA)
+        vectors = column_vectors(table[VECTOR])
+        rows = len(set(table["row_key"].to_pylist()))
+    factory = choose_factory(len(vectors), dim, cfg) if len(vectors) else "Flat"
+    index = build_index(vectors, factory, cfg.train_sample)
+    npy = io.BytesIO()
+    np.save(npy, vectors)
+    folder = st.join(out, "shards", shard_name(i))
+    blobs = {"index.faiss": faiss.serialize_index(index).tobytes(), "vectors.npy":
+             npy.getvalue()}
+    files = {f"shards/{shard_name(i)}/cells.parquet": {
+        "sha256": st.write_parquet(st.join(folder, "cells.parquet"), cells),
+        "bytes": st.size(st.join(folder, "cells.parquet"))}}
+    for name, data in blobs.items():
+        files[f"shards/{shard_name(i)}/{name}"] = {
+            "sha256": st.write_bytes(st.join(folder, name), data), "bytes": len(data)}
+    entry = {"id": i, "name": shard_name(i), "group": group, "of": count,
+             "cells": len(vectors), "rows": rows, "factory": factory,
+             "search_params": search_params(factory, len(vectors)), "files": files}
+    st.write_json(st.join(folder, "shard.json"), entry)
+    return entry
+
+
+def _source_table(sources: list[SourceConfig], read: Any, desc: pa.Table) -> pa.Table:
+    vectors = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
+    return pa.table({
+        "name": [s.name for s in sources],
+        "description": [read.descriptions[s.name] for s in sources],
+        "vector": [vectors[s.name].tolist() for s in sources],
+        "domain": [s.domain for s in sources],
+        "license": [s.license for s in sources],
+        "rows": [read.stats[s.name]["rows"] for s in sources],
+        "cells": [read.stats[s.name]["cells"] for s in sources],
+    }, schema=SOURCES_SCHEMA)
+
+
+def _write(st: Storage, out: str, name: str, table: pa.Table) -> dict:
+    uri = st.join(out, name)
+    return {"sha256": st.write_parquet(uri, table), "bytes": st.size(uri)}
+
+
+def _summary(out: str, manifest: dict, stats: dict, work: dict, wall: float) -> dict:
+    factories = Counter(s["factory"] for s in manifest["shards"])
+    return {
+        "datastore": out,
+        "embedder": manifest["embedder"],
+        "dim": manifest["dim"],
+        "sources": [{"source": name, "rows": v["rows"], "cells": v["cells"],
+                     "rejects": v["rejects"], "status": v["status"]}
+                    for name, v in sorted(stats.items())],
+        "shards": len(manifest["shards"]),
+        "index": ", ".join(f"{f} x{n}" for f, n in sorted(factories.items())),
+        "cells": sum(s["cells"] for s in manifest["shards"]),
+        "rejects": sum(v["rejects"] for v in stats.values()),
+        **work,
+        "wall_s": round(wall, 2),
+        "cells_per_s": round(work["cells_embedded"] / wall, 1) if wall > 0 else 0.0,
+    }

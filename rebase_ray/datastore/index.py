@@ -1,0 +1,85 @@
+"""FAISS index per shard: the factory string by shard size (or forced), build and load.
+
+Inner product on normalised vectors (= cosine). Flat for small shards, HNSW for mid-sized
+ones, IVF-PQ for large ones (≤ 100 bytes per cell); IVF and PQ are trained on a random sample
+of `train_sample` vectors. Search-time parameters (nprobe, efSearch) are stored with the
+shard and applied on load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rebase_ray.config import IndexConfig
+
+PQ_BYTES = 64  # PQ64 on 384 dims: 6 dims per sub-quantizer, 64 bytes of code per vector
+HNSW_M = 32
+
+
+def choose_factory(n: int, dim: int, cfg: IndexConfig) -> str:
+    """The FAISS factory string for a shard of `n` vectors."""
+    if cfg.factory:
+        return cfg.factory
+    kind = cfg.index
+    if kind == "auto":
+        kind = ("flat" if n <= cfg.flat_max_cells else
+                "hnsw" if n <= cfg.hnsw_max_cells else "ivfpq")
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{HNSW_M},Flat"
+    return ivfpq_factory(n, dim)
+
+
+def ivfpq_factory(n: int, dim: int) -> str:
+    """IVF with ~4·sqrt(n) lists (at least 39 training points each) and PQ codes; fewer code
+    bits for tiny shards, since PQ needs 2^bits training points."""
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    m = max(d for d in range(1, min(PQ_BYTES, dim) + 1) if dim % d == 0)
+    bits = min(8, max(1, int(math.log2(max(n, 2)))))
+    return f"IVF{nlist},PQ{m}x{bits}" if bits != 8 else f"IVF{nlist},PQ{m}"
+
+
+def search_params(factory: str, n: int) -> str:
+    """FAISS ParameterSpace string applied when the index is loaded."""
+    if factory.startswith("HNSW"):
+        return "efSearch=128"
+    if factory.startswith("IVF") or ",IVF" in factory:
+        nlist = int(factory.split("IVF", 1)[1].split(",", 1)[0].split("_", 1)[0])
+        return f"nprobe={min(nlist, max(16, nlist // 16))}"
+    return ""
+
+
+def build_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int = 0):
+    import faiss
+
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        take = min(len(vectors), train_sample)
+        sample = vectors if take == len(vectors) else vectors[np.sort(
+            rng.choice(len(vectors), take, replace=False))]
+        index.train(np.ascontiguousarray(sample))
+    index.add(np.ascontiguousarray(vectors))
+    return index
+
+
+def apply_params(index, params: str):
+    import faiss
+
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    return index
+
+
+def read_index(path: str, params: str = ""):
+    """Load an index memory-mapped where FAISS allows it, else read it into memory."""
+    import faiss
+
+    try:
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        index = faiss.read_index(path)
+    return apply_params(index, params)

@@ -1,0 +1,206 @@
+"""`run`: the stages in order — index → retrieve → transform → distill → evaluate — as one
+resumable run with a run manifest (`<storage_root>/run.json`).
+
+Each stage has a key: the hash of its own config and the keys of the stages it reads from. A
+stage whose key matches the manifest's and whose outputs are still on storage is skipped, so a
+rerun (or a run killed half-way) resumes at the first unfinished or changed stage. The teacher
+for transform and distill is `teacher.url` when set, else the configured teacher started on Ray
+Serve for the duration of those stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rebase_ray.config import PipelineConfig, config_hash
+from rebase_ray.storage import Storage, open_storage
+
+STAGES = ("index", "retrieve", "transform", "distill", "evaluate")
+TEACHER_STAGES = ("transform", "distill")
+RUN_MANIFEST = "run.json"
+# the file each stage writes last: its presence means the stage's outputs are complete
+FINISHED = {"index": "manifest.json", "retrieve": "manifest.json", "transform": "manifest.json",
+            "distill": "distill.json", "evaluate": "manifest.json"}
+
+
+class Run:
+    """Where one run's artifacts live and what its manifest says."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.st, self.root = open_storage(cfg.storage_root, cfg.s3)
+        self.manifest_uri = Storage.join(self.root, RUN_MANIFEST)
+        self.manifest = (self.st.read_json(self.manifest_uri) if self.st.exists(self.manifest_uri)
+                         else {"stages": {}})
+        self.datastore = cfg.datastore or Storage.join(self.root, "datastore")
+
+    def out(self, stage: str) -> str:
+        return self.datastore if stage == "index" else Storage.join(self.root, stage)
+
+    def keys(self) -> dict[str, str]:
+        c = self.cfg
+        keys = {"index": config_hash(c.datastore or [s.model_dump() for s in c.sources or []],
+                                     c.index)}
+        keys["retrieve"] = config_hash(keys["index"], c.task, c.retrieve)
+        keys["transform"] = config_hash(keys["retrieve"], c.transform, c.teacher.model,
+                                        c.teacher.url)
+        keys["distill"] = config_hash(keys["transform"], c.distill, c.train, c.evaluate)
+        keys["evaluate"] = config_hash(keys["distill"], c.evaluate)
+        return keys
+
+    def is_done(self, stage: str, key: str) -> bool:
+        entry = self.manifest["stages"].get(stage)
+        if not entry or entry.get("key") != key:
+            return False
+        return self.st.exists(Storage.join(self.out(stage), FINISHED[stage]))
+
+    def record(self, stage: str, key: str, summary: dict, wall_s: float) -> None:
+        self.manifest["stages"][stage] = {"key": key, "wall_s": round(wall_s, 2),
+                                          "finished_at": time.time(), "summary": summary}
+        self.st.write_json(self.manifest_uri, self.manifest)
+
+
+@contextlib.contextmanager
+def teacher_endpoint(cfg: PipelineConfig) -> Iterator[str]:
+    if cfg.teacher.url:
+        yield cfg.teacher.url
+        return
+    from rebase_ray.serve.teacher import local_teacher
+
+    with local_teacher(cfg.teacher) as url:
+        yield url
+
+
+def _init_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                 log_to_driver=False)
+
+
+def run(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
+        on_stage: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """Run the pipeline (or the stages in `only`); returns a summary with one row per stage.
+    `on_stage(stage, status)` is called as each stage starts ("running") or is skipped."""
+    for stage in only or []:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    _init_ray(cfg)
+    r = Run(cfg)
+    keys = r.keys()
+    todo = [s for s in STAGES if only is None or s in only]
+    rows = []
+    t_run = time.time()
+    with contextlib.ExitStack() as stack:
+        url = None  # the teacher starts with the first stage that needs it, not before
+        for stage in todo:
+            if stage == "index" and cfg.datastore:
+                rows.append({"stage": stage, "status": "reused", "wall_s": 0.0,
+                             "output": r.datastore})
+                continue
+            if not force and r.is_done(stage, keys[stage]):
+                if on_stage:
+                    on_stage(stage, "skipped (up to date)")
+                rows.append({"stage": stage, "status": "skipped (up to date)", "wall_s": 0.0,
+                             "output": r.out(stage)})
+                continue
+            if on_stage:
+                on_stage(stage, "running")
+            t0 = time.time()
+            if stage in TEACHER_STAGES and url is None:
+                url = stack.enter_context(teacher_endpoint(cfg))
+            summary = STAGE_FUNCS[stage](r, url)
+            wall = time.time() - t0
+            r.record(stage, keys[stage], summary, wall)
+            rows.append({"stage": stage, "status": "done", "wall_s": round(wall, 1),
+                         "output": r.out(stage)})
+    result: dict[str, Any] = {"storage_root": r.root, "stages": rows,
+                              "wall_s": round(time.time() - t_run, 1)}
+    final = r.manifest["stages"].get("evaluate", {}).get("summary")
+    if final:
+        result["metrics"] = final.get("metrics")
+        result["report"] = final.get("report_html")
+    return result
+
+
+# --------------------------------------------------------------------------- stage bodies
+
+
+def _index(r: Run, _url: str | None) -> dict:
+    from rebase_ray.datastore import build_datastore
+
+    return build_datastore(r.cfg.sources, r.datastore, r.cfg.index, s3=r.cfg.s3)
+
+
+def _retrieve(r: Run, _url: str | None) -> dict:
+    from rebase_ray.retrieve import retrieve
+
+    return retrieve(r.cfg.task, r.datastore, r.out("retrieve"), r.cfg.retrieve, s3=r.cfg.s3)
+
+
+def _api_key(cfg: PipelineConfig) -> str | None:
+    return cfg.teacher.api_key or os.environ.get("REBASE_RAY_API_KEY")
+
+
+def _transform(r: Run, url: str | None) -> dict:
+    from rebase_ray.transform.pipeline import transform
+
+    return transform(r.cfg.task, r.out("retrieve"), url, r.out("transform"), r.cfg.transform,
+                     s3=r.cfg.s3, api_key=_api_key(r.cfg), sources=r.cfg.sources)
+
+
+def _distill(r: Run, url: str | None) -> dict:
+    from rebase_ray.distill import distill
+
+    return distill(r.cfg.task, Storage.join(r.out("transform"), "examples.parquet"),
+                   r.out("distill"), r.cfg.distill, r.cfg.train, r.cfg.evaluate,
+                   teacher_url=url, api_key=_api_key(r.cfg), s3=r.cfg.s3)
+
+
+def _evaluate(r: Run, _url: str | None) -> dict:
+    """The run's report: the base student (stage 1's baseline) against the final distilled
+    student on the eval set, the training data with the rows it came from, and the BalDistill
+    views. Reuses the distill stage's evaluations rather than running the models again."""
+    from rebase_ray.distill.stages import report_sections
+    from rebase_ray.evaluate import metric_rows
+    from rebase_ray.evaluate.report import write_report
+
+    st, task = r.st, r.cfg.task
+    distill_out = r.out("distill")
+    result = st.read_json(st.join(distill_out, "distill.json"))
+    first = st.join(distill_out, "stage-1", "eval.json")
+    last_dir = st.join(distill_out, f"stage-{result['num_stages']}")
+    report: dict = {
+        "title": f"rebase-ray — {task.name}", "task": task.model_dump(mode="json"),
+        "sections": report_sections(result, task.metric),
+        "examples": st.read_parquet(st.join(r.out("transform"), "examples.parquet")).to_pylist(),
+        "hits": st.read_parquet(st.join(r.out("retrieve"), "hits.parquet")).to_pylist(),
+    }
+    if st.exists(st.join(last_dir, "eval.json")):
+        evaluation = st.read_json(st.join(last_dir, "eval.json"))
+        base = st.read_json(first)
+        if "base" in base["runs"]:  # the untrained student, evaluated once at stage 1
+            evaluation["runs"] = {"base": base["runs"]["base"], **evaluation["runs"]}
+            for pred, base_pred in zip(evaluation["predictions"], base["predictions"]):
+                pred["base"] = base_pred["base"]
+        report["evaluation"] = evaluation
+    if st.exists(st.join(last_dir, "train", "train_summary.json")):
+        report["training"] = st.read_json(st.join(last_dir, "train", "train_summary.json"))
+    out = r.out("evaluate")
+    json_uri, html_uri = write_report(out, report, r.cfg.s3)
+    st.write_manifest(out, {"stage": "evaluate", "task": task.name},
+                      ["report.json", "report.html"])
+    metrics = metric_rows(report["evaluation"]) if "evaluation" in report else []
+    return {"metrics": metrics, "report_json": json_uri, "report_html": html_uri,
+            "final_adapter": result.get("final_adapter")}
+
+
+STAGE_FUNCS: dict[str, Callable[[Run, str | None], dict]] = {
+    "index": _index, "retrieve": _retrieve, "transform": _transform, "distill": _distill,
+    "evaluate": _evaluate,
+}

@@ -1,0 +1,109 @@
+"""The retrieve stage: task.yaml + datastore → `<out>/hits.parquet`, `dropped.parquet` and
+`manifest.json` (with the summary). Resumable: an output whose manifest has the same config
+hash and intact files is kept and its summary returned."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from rebase_ray.config import RetrieveConfig, S3Config, TaskConfig, config_hash
+from rebase_ray.retrieve.decontam import eval_ngrams, excluded_sources
+from rebase_ray.retrieve.retriever import Retrieval, Retriever
+from rebase_ray.storage import Storage, open_storage
+
+HITS = "hits.parquet"
+DROPPED = "dropped.parquet"
+HITS_SCHEMA = pa.schema([
+    ("task", pa.string()), ("row_key", pa.string()), ("dataset", pa.string()),
+    ("config", pa.string()), ("split", pa.string()), ("row_idx", pa.int64()),
+    ("domain", pa.string()), ("score", pa.float32()), ("input_score", pa.float32()),
+    ("output_score", pa.float32()), ("dataset_score", pa.float32()), ("rank", pa.int64()),
+    ("row", pa.string()), ("best_input_column", pa.string()),
+    ("best_output_column", pa.string())])
+DROPPED_SCHEMA = pa.schema([("row_key", pa.string()), ("dataset", pa.string()),
+                            ("score", pa.float32()), ("reason", pa.string())])
+
+
+def retrieve(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
+             s3: S3Config | None = None, force: bool = False) -> dict:
+    """Retrieve the task's top rows from the datastore; returns the stage summary."""
+    import ray
+
+    start = time.time()
+    st, out = open_storage(out, s3)
+    _, datastore = open_storage(datastore, s3)
+    store_manifest = Storage.for_uri(datastore, s3).read_manifest(datastore)
+    if store_manifest is None:
+        raise FileNotFoundError(f"no datastore at {datastore} (manifest.json missing): "
+                                "build one with `rebase-ray index`")
+    key = config_hash(task, cfg.model_dump(exclude={"serve"}), datastore,
+                      [store_manifest.get("files"), store_manifest.get("shards")])
+    previous = st.read_manifest(out)
+    if previous is not None and previous.get("config_hash") == key and not force:
+        st.verify(out, previous)
+        return {**previous["summary"], "skipped": True}
+
+    if not ray.is_initialized():
+        ray.init()
+    retriever = Retriever(datastore, cfg, s3)
+    try:
+        query = retriever.query(task.instruction, [e.input for e in task.examples],
+                                [e.output for e in task.examples])
+        exclude = excluded_sources(retriever.source_names, task)
+        contamination = eval_ngrams(task, cfg.ngram, s3) if task.eval else None
+        result = retriever.search(query, cfg.top_n, exclude, contamination)
+    finally:
+        retriever.close()
+
+    hits = result.hits.assign(task=task.name)
+    st.write_parquet(st.join(out, HITS), pa.Table.from_pandas(
+        hits[HITS_SCHEMA.names], schema=HITS_SCHEMA, preserve_index=False))
+    st.write_parquet(st.join(out, DROPPED), pa.Table.from_pandas(
+        result.dropped, schema=DROPPED_SCHEMA, preserve_index=False))
+    summary = _summary(task, datastore, out, result, exclude, retriever, time.time() - start)
+    st.write_manifest(out, {"stage": "retrieve", "config_hash": key, "task": task.name,
+                            "datastore": datastore, "config": cfg.model_dump(mode="json"),
+                            "summary": summary}, [HITS, DROPPED])
+    return summary
+
+
+def _summary(task: TaskConfig, datastore: str, out: str, result: Retrieval,
+             exclude: dict[str, str], retriever: Retriever, wall_s: float) -> dict:
+    hits, dropped = result.hits, result.dropped
+    scores = hits["score"].to_numpy(dtype=np.float64)
+    quantiles = dict(zip(["min", "p25", "median", "p75", "max"],
+                         np.quantile(scores, [0, .25, .5, .75, 1]).tolist())) if len(hits) else {}
+    per_dataset = hits.groupby("dataset", sort=False).agg(
+        rows=("row_key", "size"), mean_score=("score", "mean"),
+        dataset_score=("dataset_score", "first")).reset_index()
+    unknown = sorted(set(task.exclude_datasets) - set(retriever.source_names))
+    return {
+        "task": task.name,
+        "datastore": datastore,
+        "out": out,
+        "rows": len(hits),
+        "cells_searched": retriever.num_cells,
+        "shards": len(retriever.shard_info),
+        "candidate_rows_scored": result.candidates,
+        "rounds": result.rounds,
+        "score": quantiles,
+        "rows_per_dataset": [
+            {"dataset": r.dataset, "rows": int(r.rows), "mean_score": float(r.mean_score),
+             "dataset_score": float(r.dataset_score)} for r in per_dataset.itertuples()],
+        "excluded_sources": [{"dataset": d, "reason": why} for d, why in sorted(exclude.items())],
+        "unknown_exclude_datasets": unknown,
+        "dropped": _counts(dropped),
+        "wall_s": round(wall_s, 2),
+    }
+
+
+def _counts(dropped: pd.DataFrame) -> list[dict]:
+    if dropped.empty:
+        return []
+    counts = dropped.groupby(["dataset", "reason"]).size().reset_index(name="rows")
+    return [{"dataset": r.dataset, "reason": r.reason, "rows": int(r.rows)}
+            for r in counts.itertuples()]

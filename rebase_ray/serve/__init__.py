@@ -1,0 +1,1 @@
+"""Ray Serve applications: the teacher (and the retriever and the student)."""

@@ -1,0 +1,155 @@
+"""The retriever as a Ray Serve app: one `Retriever` per replica (its shard actors load the
+datastore once, memory-mapped), queried over HTTP.
+
+Routes (under the app's route prefix, `/retriever` by default so it can share Serve's proxy
+with the teacher at `/`):
+- POST /retrieve {instruction, examples: [{input, output}], top_n, exclude_datasets}
+  → {"rows": [{rank, row_key, dataset, domain, score, input_score, output_score,
+     dataset_score, best_input_column, best_output_column, row}], "candidates": int}
+- GET /healthz (no auth) → datastore size.
+Auth, size limit and errors come from `serve.http` (401 / 400 / 413, JSON errors).
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from rebase_ray.config import RetrieveConfig, S3Config
+from rebase_ray.retrieve.retriever import Retriever
+from rebase_ray.serve.http import (
+    Guard,
+    base_url,
+    install_error_handlers,
+    resolve_api_key,
+    start_proxy,
+)
+
+APP_NAME = "retriever"
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instruction: str = Field(min_length=1)
+    examples: list[Example] = Field(min_length=1)
+    top_n: int = Field(default=10, gt=0)
+    exclude_datasets: list[str] = []
+
+
+api = install_error_handlers(FastAPI(title="rebase-ray retriever"))
+
+
+@serve.deployment
+@serve.ingress(api)
+class RetrieverServer:
+    def __init__(self, datastore: str, cfg: dict[str, Any], api_key: str | None,
+                 s3: dict[str, Any] | None = None):
+        self.cfg = RetrieveConfig.model_validate(cfg)
+        self.retriever = Retriever(datastore, self.cfg, S3Config.model_validate(s3 or {}))
+        self.retriever.store.embed(["warm up"])  # load the embedder now, not on a request
+        self.guard = Guard(api_key, self.cfg.serve.max_request_bytes)
+        self.datastore = datastore
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "datastore": self.datastore, "cells": self.retriever.num_cells,
+                "shards": len(self.retriever.shard_info)}
+
+    @api.post("/retrieve")
+    async def retrieve(self, request: Request) -> dict[str, Any]:
+        self.guard.check_auth(request)
+        req = await self.guard.read_json(request, RetrieveRequest)
+        top_n = min(req.top_n, self.cfg.top_n)
+        start = time.perf_counter()
+        result = await asyncio.to_thread(self._search, req, top_n)
+        hits = result.hits.drop(columns=["config", "split", "row_idx"])
+        rows = hits.to_dict(orient="records")
+        for r in rows:
+            r["row"] = json.loads(r["row"])
+        return {"rows": rows, "candidates": result.candidates,
+                "took_ms": round(1000 * (time.perf_counter() - start), 2)}
+
+    def _search(self, req: RetrieveRequest, top_n: int):
+        query = self.retriever.query(req.instruction, [e.input for e in req.examples],
+                                     [e.output for e in req.examples])
+        exclude = {d: "excluded by the request" for d in req.exclude_datasets}
+        return self.retriever.search(query, top_n, exclude)
+
+
+def deployment_options(cfg: RetrieveConfig) -> dict[str, Any]:
+    s = cfg.serve
+    return {
+        "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                               "target_ongoing_requests": s.target_ongoing_requests},
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    }
+
+
+def build_retriever_app(datastore: str, cfg: RetrieveConfig, s3: S3Config | None = None):
+    """The retriever as a Serve application; the API key is resolved here (config, else
+    $REBASE_RAY_API_KEY in the process that builds the app)."""
+    return RetrieverServer.options(**deployment_options(cfg)).bind(
+        datastore, cfg.model_dump(mode="json"), resolve_api_key(cfg.serve.api_key),
+        s3.model_dump(mode="json") if s3 else None)
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve's application builder (`import_path` of a config file):
+    args = {datastore, retrieve: RetrieveConfig fields}."""
+    return build_retriever_app(args["datastore"],
+                               RetrieveConfig.model_validate(args.get("retrieve", {})))
+
+
+def serve_config(datastore: str, cfg: RetrieveConfig, name: str = APP_NAME) -> dict[str, Any]:
+    """A Serve config file (`serve deploy`, KubeRay RayService) for the retriever. The API key
+    is left out: set REBASE_RAY_API_KEY on the cluster."""
+    args = cfg.model_dump(mode="json")
+    args["serve"]["api_key"] = None
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port or 8000,
+                         "request_timeout_s": cfg.serve.request_timeout_s},
+        "applications": [{"name": name, "route_prefix": cfg.serve.route_prefix,
+                          "import_path": f"{__name__}:app_builder",
+                          "args": {"datastore": datastore, "retrieve": args}}],
+    }
+
+
+@contextmanager
+def local_retriever(datastore: str, cfg: RetrieveConfig, s3: S3Config | None = None,
+                    name: str = APP_NAME) -> Iterator[str]:
+    """Deploy the retriever on the running Ray (starting Serve's proxy on cfg.serve.host:port
+    unless Serve already runs) and yield its base URL; the app is deleted on exit."""
+    host, port = start_proxy(cfg.serve.host, cfg.serve.port)
+    serve.run(build_retriever_app(datastore, cfg, s3), name=name,
+              route_prefix=cfg.serve.route_prefix)
+    try:
+        yield base_url(host, port, cfg.serve.route_prefix)
+    finally:
+        serve.delete(name)
+
+
+def serve_retriever(datastore: str, cfg: RetrieveConfig, on_ready: Callable[[str], Any],
+                    s3: S3Config | None = None) -> dict[str, Any]:
+    """Serve until Ctrl+C; returns a short summary."""
+    started = time.time()
+    with local_retriever(datastore, cfg, s3) as url:
+        on_ready(url)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return {"url": url, "datastore": datastore, "served_s": round(time.time() - started, 1)}

@@ -1,0 +1,296 @@
+"""The teacher as a Ray Serve app with OpenAI's chat API.
+
+Routes (under the app's route prefix): POST /v1/chat/completions, GET /v1/models, GET /healthz
+(no auth), GET /metrics (this replica's counters: requests, batch sizes, tokens/s, queue time).
+
+The transformers backend answers through `@serve.batch`: concurrent requests are merged into
+one `generate` call (max batch size and wait from `TeacherConfig`); requests in one batch that
+ask for different sampling parameters run as one `generate` call per parameter set. The
+`vllm` backend is Ray Serve LLM's own OpenAI app (see `teacher/vllm_backend.py`), which has
+its own continuous batching but not our auth, size limit and /metrics.
+
+- `build_teacher_app(cfg)` → a Serve application (route prefix chosen at deploy time);
+- `local_teacher(cfg)` → deploys it on the running Ray, yields the OpenAI base URL;
+- `serve_config(cfg)` → the Serve config file for `serve deploy` / a KubeRay RayService.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations, and
+# under Serve's ingress it cannot resolve them from strings.
+import asyncio
+import math
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from rebase_ray.config import TeacherConfig
+from rebase_ray.serve.http import (
+    Guard,
+    base_url,
+    install_error_handlers,
+    resolve_api_key,
+    start_proxy,
+)
+from rebase_ray.teacher.backends import Completion, Messages, SamplingParams, make_backend
+from rebase_ray.teacher.vllm_backend import IMPORT_PATH as VLLM_IMPORT_PATH
+from rebase_ray.teacher.vllm_backend import build_vllm_app, openai_app_args, served_name
+
+APP_NAME = "teacher"
+DEFAULT_MAX_TOKENS = 256
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat request; unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    # Accepted for compatibility; the transformers backend cannot constrain decoding to JSON.
+    response_format: dict[str, Any] | None = None
+
+    def sampling(self) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p,
+            max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            n=self.n, seed=self.seed, stop=tuple(s for s in stop if s))
+
+
+class ReplicaStats:
+    """Counters of one replica, served as JSON by GET /metrics."""
+
+    def __init__(self, replica: str):
+        self.replica = replica
+        self.started = time.time()
+        self.requests = self.errors = self.timeouts = 0
+        self.batches = 0
+        self.batch_sizes: Counter[int] = Counter()  # rows per generate call → count
+        self.prompt_tokens = self.completion_tokens = 0
+        self.generate_s = 0.0
+        self.queue_s_sum = self.queue_s_max = 0.0
+        self.queued = 0
+
+    def record_batch(self, rows: int, seconds: float, comps: list[list[Completion]]) -> None:
+        self.batches += 1
+        self.batch_sizes[rows] += 1
+        self.generate_s += seconds
+        for choices in comps:
+            self.prompt_tokens += choices[0].prompt_tokens if choices else 0
+            self.completion_tokens += sum(c.completion_tokens for c in choices)
+
+    def record_queue(self, seconds: float) -> None:
+        self.queued += 1
+        self.queue_s_sum += seconds
+        self.queue_s_max = max(self.queue_s_max, seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = sum(size * count for size, count in self.batch_sizes.items())
+        return {
+            "replica": self.replica, "uptime_s": round(time.time() - self.started, 3),
+            "requests": self.requests, "errors": self.errors, "timeouts": self.timeouts,
+            "batches": self.batches,
+            "batch_size_mean": rows / self.batches if self.batches else 0.0,
+            "batch_size_max": max(self.batch_sizes, default=0),
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "generate_s": round(self.generate_s, 4),
+            "tokens_per_s": self.completion_tokens / self.generate_s if self.generate_s else 0.0,
+            "queue_s_mean": self.queue_s_sum / self.queued if self.queued else 0.0,
+            "queue_s_max": self.queue_s_max,
+        }
+
+
+def chat_response(model: str, choices: list[Completion]) -> dict[str, Any]:
+    completion_tokens = sum(c.completion_tokens for c in choices)
+    prompt_tokens = choices[0].prompt_tokens if choices else 0
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+        "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                     "finish_reason": c.finish_reason, "logprobs": None}
+                    for i, c in enumerate(choices)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+# The class below is pickled when it is decorated: what its methods use is defined above.
+api = install_error_handlers(FastAPI(title="rebase-ray teacher"))
+
+
+@serve.deployment
+@serve.ingress(api)
+class TeacherServer:
+    def __init__(self, cfg: dict[str, Any], api_key: str | None):
+        config = TeacherConfig.model_validate(cfg)
+        self.model_name = served_name(config)
+        self.backend = make_backend(config)
+        self.guard = Guard(api_key, config.serve.max_request_bytes)
+        self.timeout_s = config.serve.request_timeout_s
+        self.generate_batch.set_max_batch_size(config.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.stats = ReplicaStats(serve.get_replica_context().replica_id.to_full_id_str())
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "model": self.model_name}
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> dict[str, Any]:
+        self.guard.check_auth(request)
+        return self.stats.to_dict()
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self.guard.check_auth(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                            "created": int(self.stats.started),
+                                            "owned_by": "rebase-ray"}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> dict[str, Any]:
+        self.guard.check_auth(request)
+        req = await self.guard.read_json(request, ChatRequest)
+        if req.stream:
+            raise HTTPException(400, "stream=true is not supported by this server")
+        if req.model not in (None, self.model_name):
+            raise HTTPException(404, f"the model {req.model!r} does not exist; this server "
+                                     f"serves {self.model_name!r}")
+        self.stats.requests += 1
+        messages = [m.plain() for m in req.messages]
+        try:
+            choices = await asyncio.wait_for(
+                self.generate_batch((messages, req.sampling(), time.monotonic())),
+                self.timeout_s)
+        except asyncio.TimeoutError:
+            self.stats.timeouts += 1
+            raise HTTPException(504, f"no answer within {self.timeout_s} s") from None
+        except Exception as exc:
+            self.stats.errors += 1
+            raise HTTPException(500, f"generation failed: {exc}") from exc
+        return chat_response(self.model_name, choices)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
+    async def generate_batch(
+            self, items: list[tuple[Messages, SamplingParams, float]]) -> list[list[Completion]]:
+        start = time.monotonic()
+        for _, _, arrived in items:
+            self.stats.record_queue(start - arrived)
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, (_, params, _) in enumerate(items):
+            groups.setdefault(params, []).append(i)
+        results: list[list[Completion]] = [[] for _ in items]
+        for params, indices in groups.items():
+            t0 = time.monotonic()
+            out = await asyncio.to_thread(self.backend.generate,
+                                          [items[i][0] for i in indices], params)
+            self.stats.record_batch(len(indices), time.monotonic() - t0, out)
+            for i, choices in zip(indices, out):
+                results[i] = choices
+        return results
+
+
+def deployment_options(cfg: TeacherConfig) -> dict[str, Any]:
+    s = cfg.serve
+    return {
+        "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                               "target_ongoing_requests": s.target_ongoing_requests},
+        # room for a full batch to queue while the previous one generates
+        "max_ongoing_requests": max(2 * cfg.max_batch_size, math.ceil(s.target_ongoing_requests)),
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    }
+
+
+def build_teacher_app(cfg: TeacherConfig):
+    """The teacher as a Serve application. The API key is resolved here (config, else
+    $REBASE_RAY_API_KEY in the process that builds the app)."""
+    if cfg.backend == "vllm":
+        return build_vllm_app(cfg)
+    return TeacherServer.options(**deployment_options(cfg)).bind(
+        cfg.model_dump(mode="json"), resolve_api_key(cfg.serve.api_key))
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve's application builder (`import_path` of the config file): args = TeacherConfig."""
+    return build_teacher_app(TeacherConfig.model_validate(args))
+
+
+def serve_config(cfg: TeacherConfig, name: str = APP_NAME) -> dict[str, Any]:
+    """A Serve config file (`serve deploy`, KubeRay RayService `serveConfigV2`) for `cfg`.
+    The API key is left out: set REBASE_RAY_API_KEY on the cluster."""
+    if cfg.backend == "vllm":
+        application = {"import_path": VLLM_IMPORT_PATH, "args": openai_app_args(cfg)}
+    else:
+        args = cfg.model_dump(mode="json")
+        args["serve"]["api_key"] = None
+        application = {"import_path": f"{__name__}:app_builder", "args": args}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port or 8000,
+                         "request_timeout_s": cfg.serve.request_timeout_s},
+        "applications": [{"name": name, "route_prefix": cfg.serve.route_prefix,
+                          **application}],
+    }
+
+
+@contextmanager
+def local_teacher(cfg: TeacherConfig, name: str = APP_NAME) -> Iterator[str]:
+    """Deploy the teacher on the running Ray (starting Serve's proxy on cfg.serve.host and
+    cfg.serve.port, 0/None = a free port, unless Serve already runs) and yield its OpenAI base
+    URL, e.g. http://127.0.0.1:8000/v1. The app is deleted on exit."""
+    host, port = start_proxy(cfg.serve.host, cfg.serve.port)
+    serve.run(build_teacher_app(cfg), name=name, route_prefix=cfg.serve.route_prefix,
+              blocking=False)
+    try:
+        yield base_url(host, port, cfg.serve.route_prefix) + "/v1"
+    finally:
+        serve.delete(name)
+
+
+def serve_teacher(cfg: TeacherConfig, on_ready: Callable[[str], Any]) -> dict[str, Any]:
+    """Serve until Ctrl+C; returns a summary with the server's metrics."""
+    from rebase_ray.teacher.client import TeacherClient
+
+    started = time.time()
+    with local_teacher(cfg) as url:
+        on_ready(url)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        metrics = TeacherClient(url, api_key=resolve_api_key(cfg.serve.api_key)).server_metrics()
+    return {"url": url, "backend": cfg.backend, "model": served_name(cfg),
+            "served_s": round(time.time() - started, 1), "metrics": metrics}

@@ -1,0 +1,1 @@
+"""The teacher: backends behind one interface, and the client every stage uses."""

@@ -1,0 +1,246 @@
+"""ReBase transformation as a Ray Data pipeline:
+
+    hits.parquet → prompts → teacher endpoint (TeacherClient, bounded concurrency) → parse →
+    filters → [annotate: second teacher call for a rationale] → parts → dedup → examples
+
+Every hit ends as exactly one example or one reject (with its reason). Results are written in
+parts as they stream in, so an interrupted run resumes where it stopped: a hit whose result is
+already written costs no teacher call on rerun (failed and budget-refused hits are retried).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from rebase_ray.config import S3Config, SourceConfig, TaskConfig, TransformConfig
+from rebase_ray.formats import split_answer
+from rebase_ray.storage import Storage, open_storage
+from rebase_ray.tasks import load_eval_set
+from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
+from rebase_ray.teacher.prompts import (
+    RATIONALE_VERSION,
+    TRANSFORM_VERSION,
+    cut,
+    rationale_messages,
+    transformation_messages,
+)
+from rebase_ray.text import NgramIndex, normalize
+from rebase_ray.transform.datacard import data_card
+from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext, check, split_output
+from rebase_ray.transform.parse import ParseError, parse_example
+
+RETRYABLE = {"teacher_error", "budget_exhausted"}
+RESULT_COLUMNS = ["example_id", "row_key", "dataset", "domain", "rank", "status", "reason",
+                  "detail", "input", "output", "rationale", "teacher", "prompt_version", "flags",
+                  "reply", "requests", "prompt_tokens", "completion_tokens", "score", "input_score",
+                  "output_score", "dataset_score", "row"]
+
+
+def example_id(task: str, row_key: str) -> str:
+    return hashlib.sha256(f"{task}\x1f{row_key}\x1f{TRANSFORM_VERSION}".encode()).hexdigest()[:16]
+
+
+def row_for_prompt(hit: dict[str, Any], cfg: TransformConfig) -> tuple[dict[str, str], bool]:
+    """The retrieved row as {column: value}; a row longer than `max_row_chars` (after cutting
+    each value) falls back to its best-matching input and output cells. Returns (row, cut)."""
+    row = {k: str(v) for k, v in json.loads(hit["row"]).items() if str(v).strip()}
+    if sum(len(cut(v, cfg.max_value_chars)) for v in row.values()) <= cfg.max_row_chars:
+        return row, False
+    best = [c for c in (hit.get("best_input_column"), hit.get("best_output_column")) if c in row]
+    return {c: row[c] for c in dict.fromkeys(best)} or dict(list(row.items())[:2]), True
+
+
+class TeacherWorker:
+    """Ray Data actor: prompts a batch of hits through the teacher endpoint, parses and
+    filters the replies, and (cot: annotate) asks for a rationale for each kept example."""
+
+    def __init__(self, task: dict, cfg: dict, base_url: str, api_key: str | None,
+                 max_requests: int | None, eval_index: NgramIndex):
+        self.task = TaskConfig.model_validate(task)
+        self.cfg = TransformConfig.model_validate(cfg)
+        self.client = TeacherClient(base_url, api_key=api_key, concurrency=self.cfg.concurrency,
+                                    max_requests=max_requests)
+        self.ctx = FilterContext(self.task, self.cfg.max_output_chars, eval_index)
+        self.sampling = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
+                         "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed}
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        hits = batch.to_dict(orient="records")
+        rows = [row_for_prompt(h, self.cfg) for h in hits]
+        prompts = [transformation_messages(self.task, r, self.cfg.max_value_chars)
+                   for r, _ in rows]
+        replies = self.client.chat_many(prompts, **self.sampling)
+        results = [self._result(h, reply, was_cut) for h, reply, (_, was_cut)
+                   in zip(hits, replies, rows)]
+        if self.task.cot == "annotate":
+            self._annotate([r for r in results if r["status"] == "kept"])
+        return pd.DataFrame(results, columns=RESULT_COLUMNS)
+
+    def _result(self, hit: dict, reply: Any, was_cut: bool) -> dict[str, Any]:
+        res = {c: hit.get(c) for c in ("row_key", "dataset", "domain", "rank", "score",
+                                       "input_score", "output_score", "dataset_score", "row")}
+        res.update(example_id=example_id(self.task.name, hit["row_key"]), status="rejected",
+                   reason=None, detail="", input="", output="", rationale="",
+                   teacher=self.client.model or "", prompt_version=TRANSFORM_VERSION,
+                   flags=json.dumps(["row_cut_to_best_cells"] if was_cut else []), reply="",
+                   requests=0 if isinstance(reply, BudgetExceeded) else 1, prompt_tokens=0,
+                   completion_tokens=0)
+        if isinstance(reply, Exception):
+            res["reason"] = "budget_exhausted" if isinstance(reply, BudgetExceeded) else (
+                "teacher_error")
+            res["detail"] = f"{type(reply).__name__}: {reply}"[:500]
+            return res
+        res.update(reply=reply.text[:4000], prompt_tokens=reply.prompt_tokens,
+                   completion_tokens=reply.completion_tokens, teacher=self.client.model or "")
+        try:
+            parsed = parse_example(reply.text)
+        except ParseError as exc:
+            res.update(reason="unparseable", detail=str(exc))
+            return res
+        rationale, answer = split_output(parsed["output"], self.task)
+        example = {"input": parsed["input"], "output": parsed["output"], "answer": answer}
+        reason = check(example, self.ctx)
+        res.update(input=parsed["input"], output=example["answer"], rationale=rationale)
+        if reason:
+            res.update(reason=reason, detail=parsed["output"][:500])
+        else:
+            res["status"] = "kept"
+        return res
+
+    def _annotate(self, kept: list[dict[str, Any]]) -> None:
+        """BalDistill's rationale: the teacher explains the gold answer; a rationale whose own
+        final answer disagrees is dropped with its example."""
+        prompts = [rationale_messages(self.task, r["input"], r["output"]) for r in kept]
+        replies = self.client.chat_many(prompts, **self.sampling)
+        for r, reply in zip(kept, replies):
+            r["requests"] += 0 if isinstance(reply, BudgetExceeded) else 1
+            if isinstance(reply, Exception):
+                r.update(status="rejected", detail=f"rationale: {type(reply).__name__}: {reply}",
+                         reason="budget_exhausted" if isinstance(reply, BudgetExceeded)
+                         else "teacher_error")
+                continue
+            r["prompt_tokens"] += reply.prompt_tokens
+            r["completion_tokens"] += reply.completion_tokens
+            rationale, answer = split_answer(reply.text)
+            if normalize(answer) != normalize(r["output"]) or not rationale:
+                r.update(status="rejected", reason="rationale_disagrees",
+                         detail=f"rationale answered {answer[:100]!r}")
+                continue
+            r["rationale"] = rationale
+            r["prompt_version"] = f"{TRANSFORM_VERSION}+{RATIONALE_VERSION}"
+
+
+def _read_parts(st: Storage, out: str) -> pd.DataFrame:
+    parts = st.ls(st.join(out, "parts"), "*.parquet")
+    if not parts:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    frames = [st.read_parquet(p).to_pandas() for p in parts]
+    # later parts win: a retried hit replaces its earlier teacher_error / budget reject
+    return pd.concat(frames, ignore_index=True).drop_duplicates("row_key", keep="last")
+
+
+def transform(task: TaskConfig, hits: str, teacher_url: str, out: str, cfg: TransformConfig,
+              s3: S3Config | None = None, api_key: str | None = None,
+              sources: list[SourceConfig] | None = None) -> dict[str, Any]:
+    """Turn retrieved rows (`hits`: a hits.parquet URI or the folder holding it) into task
+    examples through the teacher at `teacher_url` (an OpenAI-compatible base URL)."""
+    import ray
+
+    t0 = time.time()
+    st, out = open_storage(out, s3)
+    hits_uri = hits if hits.endswith(".parquet") else Storage.join(hits, "hits.parquet")
+    hits_table = Storage.for_uri(hits_uri, s3).read_parquet(hits_uri).to_pandas()
+    done = _read_parts(st, out)
+    finished = set(done.loc[~done["reason"].isin(RETRYABLE), "row_key"])
+    todo = hits_table[~hits_table["row_key"].isin(finished)]
+
+    stats_new = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    if len(todo):
+        eval_set = load_eval_set(task, s3)
+        eval_index = NgramIndex([r["input"] for r in eval_set.records], n=13)
+        budget = None  # the hard budget counts the calls earlier runs already made
+        if cfg.max_requests is not None:
+            budget = max(0, cfg.max_requests - int(done["requests"].sum()))
+        # blocks are cut on the driver: a repartition task could find no free CPU while the
+        # teacher replica and the worker actor hold them
+        size = cfg.concurrency * 4
+        ds = ray.data.from_pandas([todo.iloc[i: i + size] for i in range(0, len(todo), size)])
+        results = ds.map_batches(
+            TeacherWorker, batch_size=size, batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+            fn_constructor_kwargs={"task": task.model_dump(mode="json"),
+                                   "cfg": cfg.model_dump(mode="json"), "base_url": teacher_url,
+                                   "api_key": api_key, "max_requests": budget,
+                                   "eval_index": eval_index})
+        for batch in results.iter_batches(batch_size=size, batch_format="pandas"):
+            st.write_parquet(st.join(out, "parts", f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}"
+                                     ".parquet"), pa.Table.from_pandas(batch, preserve_index=False))
+            stats_new["requests"] += int(batch["requests"].sum())
+            stats_new["prompt_tokens"] += int(batch["prompt_tokens"].sum())
+            stats_new["completion_tokens"] += int(batch["completion_tokens"].sum())
+        done = _read_parts(st, out)
+
+    examples, rejects = _finalize(done, cfg)
+    wall = time.time() - t0
+    summary = _summary(task, hits_table, examples, rejects, stats_new, wall, len(todo))
+    st.write_parquet(st.join(out, "examples.parquet"), pa.Table.from_pandas(
+        examples, preserve_index=False))
+    st.write_parquet(st.join(out, "rejects.parquet"), pa.Table.from_pandas(
+        rejects, preserve_index=False))
+    st.write_json(st.join(out, "stats.json"), summary)
+    st.write_text(st.join(out, "README.md"), data_card(task, summary, examples, sources))
+    st.write_manifest(out, {"stage": "transform", "task": task.name, "hits": hits_uri,
+                            "prompt_version": TRANSFORM_VERSION, "counts": summary["counts"]},
+                      ["examples.parquet", "rejects.parquet", "stats.json", "README.md"])
+    return summary
+
+
+def _finalize(done: pd.DataFrame, cfg: TransformConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop exact and near duplicates among kept examples (best-ranked first) and split the
+    results into examples and rejects."""
+    done = done.sort_values("rank", kind="stable").reset_index(drop=True)
+    dedup = Deduplicator(cfg.near_duplicate_threshold)
+    for i in done.index[done["status"] == "kept"]:
+        reason = dedup.check(done.at[i, "row_key"], done.at[i, "input"])
+        if reason:
+            done.loc[i, ["status", "reason", "detail"]] = ["rejected", reason, ""]
+    kept = done[done["status"] == "kept"]
+    examples = kept[["example_id", "row_key", "dataset", "domain", "input", "output",
+                     "rationale", "teacher", "prompt_version", "flags", "score", "input_score",
+                     "output_score", "dataset_score", "row"]].reset_index(drop=True)
+    rejects = done[done["status"] != "kept"][["row_key", "dataset", "reason", "detail", "input",
+                                              "output", "reply"]].reset_index(drop=True)
+    return examples, rejects
+
+
+def _summary(task: TaskConfig, hits: pd.DataFrame, examples: pd.DataFrame,
+             rejects: pd.DataFrame, new: dict[str, int], wall: float, processed: int) -> dict:
+    reasons = Counter(rejects["reason"])
+    per_source = []
+    for name in sorted(set(hits["dataset"])):
+        per_source.append({"dataset": name, "retrieved": int((hits["dataset"] == name).sum()),
+                           "kept": int((examples["dataset"] == name).sum()),
+                           "rejected": int((rejects["dataset"] == name).sum())})
+    retrieved = len(hits)
+    return {
+        "task": task.name,
+        "counts": {"retrieved": retrieved, "kept": len(examples), "rejected": len(rejects),
+                   "yield": round(len(examples) / retrieved, 4) if retrieved else 0.0},
+        "rejects_by_reason": {r: reasons.get(r, 0) for r in REASONS if reasons.get(r, 0)},
+        "per_source": per_source,
+        "per_label": dict(Counter(examples["output"]).most_common(20)) if task.labels else {},
+        "teacher": {**new, "tokens_per_example": round(
+            (new["prompt_tokens"] + new["completion_tokens"]) / max(1, processed), 1)},
+        "processed_this_run": processed,
+        "wall_s": round(wall, 2),
+        "seconds_per_example": round(wall / processed, 3) if processed else 0.0,
+        "prompt_version": TRANSFORM_VERSION,
+    }

@@ -1,0 +1,277 @@
+"""BalDistill end to end on real local Ray: IFD on a Ray Data actor pool against a direct
+computation, the stage loop with a replay teacher (exact answers: head/tail switching, synthesis,
+dropped rationales, budget, resume), and the real Serve teacher (tiny model) for the budget."""
+
+import itertools
+import json
+import random
+import re
+import zlib
+
+import pandas as pd
+import pytest
+from replay_teacher import ReplayTeacher
+
+from rebase_ray.config import (
+    DistillConfig,
+    EvalSetConfig,
+    EvaluateConfig,
+    FewShot,
+    LoraConfig,
+    ServeConfig,
+    TaskConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+from rebase_ray.distill import distill, score_ifd
+from rebase_ray.models import TINY
+from rebase_ray.storage import open_storage
+
+INSTRUCTION = "Say whether the review is positive or negative."
+WORDS = ["river", "apple", "stone", "cloud", "violin", "paper", "garden", "engine", "silver",
+         "forest", "ladder", "candle", "harbor", "pepper", "window", "meadow", "rocket",
+         "velvet", "lantern", "desert", "orbit", "castle", "pillow", "thunder", "marble",
+         "coffee", "bridge", "island", "mirror", "feather", "tunnel", "saddle"]
+
+
+def task(eval_path=None) -> TaskConfig:
+    return TaskConfig(
+        name="reviews", instruction=INSTRUCTION, labels=["pos", "neg"], answer="label",
+        cot="annotate",
+        examples=[FewShot(input="I loved every minute of it.", output="pos")],
+        eval=EvalSetConfig(path=eval_path, input="text", output="label", domain="topic")
+        if eval_path else None)
+
+
+def words(seed: int, n: int = 8) -> str:
+    return " ".join(random.Random(seed).sample(WORDS, n))
+
+
+def pool(sizes: dict[str, int]) -> pd.DataFrame:
+    """A long-tailed pool; domain c's single example gets a rationale that disagrees."""
+    rows = []
+    for domain, n in sizes.items():
+        for i in range(n):
+            text = f"{domain} review {i}: " + words(zlib.crc32(f"{domain}{i}".encode()))
+            if domain == "c":
+                text += " DISAGREE"
+            rows.append({"example_id": f"{domain}{i}", "dataset": domain, "input": text,
+                         "output": "pos" if i % 2 == 0 else "neg", "rationale": ""})
+    return pd.DataFrame(rows)
+
+
+SYNTH_COUNTER = itertools.count()
+
+
+def replay(prompt: str) -> str:
+    """Rationales end with the gold answer (the other label for DISAGREE inputs); syntheses
+    are new, valid examples with distinct words."""
+    gold = re.search(r"Correct answer: (\w+)", prompt)
+    if gold:
+        answer = gold.group(1)
+        if "DISAGREE" in prompt:
+            answer = "neg" if answer == "pos" else "pos"
+        return f"The review's tone decides it.\nAnswer: {answer}"
+    domain = re.search(r"Domain: (\w+)", prompt).group(1)
+    return json.dumps({"input": f"synthetic {domain}: {words(next(SYNTH_COUNTER), 10)}",
+                       "output": "It sounds happy.\nAnswer: pos"})
+
+
+def configs(stages=2, budget=12, mode="balanced"):
+    return (DistillConfig(stages=stages, budget=budget, mode=mode, ifd_candidates=2,
+                          ifd_batch_size=4, ifd_max_new_tokens=4, ifd_num_cpus=0.5,
+                          max_tokens=64, concurrency=4, synth_shots=2),
+            TrainConfig(model=TINY, max_steps=2, batch_size=2, max_seq_len=128,
+                        cpus_per_worker=0.5, lora=LoraConfig(r=2, alpha=4)),
+            EvaluateConfig(batch_size=4, max_new_tokens=4, num_cpus_per_actor=0.5))
+
+
+def test_ifd_matches_a_direct_computation(ray_cluster):
+    import torch
+
+    from rebase_ray.formats import student_messages
+    from rebase_ray.models import load_causal_lm
+
+    inputs = ["short one", "a somewhat longer review of the film and its music",
+              "great", "terrible acting, awful plot, and a very long ending that never ends"]
+    frame = pd.DataFrame({"example_id": list("wxyz"), "domain": "d", "input": inputs})
+    scored = score_ifd(frame, TINY, None, INSTRUCTION, batch_size=4, max_new_tokens=5,
+                       num_cpus=0.5)
+    assert list(scored["example_id"]) == list("wxyz")
+
+    model, tok = load_causal_lm(TINY)
+    for row in scored.itertuples():
+        prompt = tok.apply_chat_template(student_messages(INSTRUCTION, row.input),
+                                         add_generation_prompt=True, tokenize=False)
+        p = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            gen = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=5,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        answer = tok.decode(gen[0, p.shape[1]:], skip_special_tokens=True)
+        assert answer == row.student_output
+        a = tok(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+        def ppl(prefix, a=a):
+            ids = torch.cat([prefix, a], dim=1)
+            labels = ids.clone()
+            labels[:, : prefix.shape[1]] = -100
+            with torch.no_grad():
+                return float(torch.exp(model(input_ids=ids, labels=labels).loss))
+
+        conditional, alone = ppl(p), ppl(torch.tensor([[tok.bos_token_id]]))
+        assert row.ppl_conditional == pytest.approx(conditional, rel=1e-4)
+        assert row.ppl_alone == pytest.approx(alone, rel=1e-4)
+        assert row.ifd == pytest.approx(conditional / alone, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def replay_run(ray_cluster, tmp_path_factory):
+    """One 2-stage run: a (8 examples), b (3), c (1); balanced, B=12 → 2 per domain per stage.
+    Stage 1: a, b head; c tail (its one example + 1 synthesis). Stage 2: a head; b runs dry
+    (1 left + 1 synthesis); c all synthesized (2)."""
+    tmp = tmp_path_factory.mktemp("distill")
+    eval_path = tmp / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps({"text": f"eval {d} {words(900 + i)}",
+                                             "label": "pos", "topic": d}) + "\n"
+                                 for i, d in enumerate("abc")))
+    out = str(tmp / "out")
+    with ReplayTeacher(replay) as teacher:
+        summary = distill(task(str(eval_path)), pa_table(pool({"a": 8, "b": 3, "c": 1})), out,
+                          *configs(), teacher_url=teacher.url)
+        calls = len(teacher.chat_requests())
+    return {"summary": summary, "out": out, "calls": calls, "eval": str(eval_path)}
+
+
+def pa_table(frame):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def rows_of(summary, stage):
+    return {r["domain"]: r for r in summary["domains"] if r["stage"] == stage}
+
+
+def test_head_tail_switching_and_synthesis(replay_run):
+    s = replay_run["summary"]
+    one, two = rows_of(s, 1), rows_of(s, 2)
+    assert {d: r["role"] for d, r in one.items()} == {"a": "head", "b": "head", "c": "tail"}
+    assert {d: r["role"] for d, r in two.items()} == {"a": "head", "b": "tail", "c": "tail"}
+    assert all(r["quota"] == 2 for r in [*one.values(), *two.values()])
+    # tail: the rest of the pool is annotated, synthesis fills the quota
+    assert (two["b"]["selected"], two["b"]["synthesized"]) == (1, 1)
+    assert (one["c"]["selected"], one["c"]["synthesized"]) == (1, 1)
+    assert (two["c"]["selected"], two["c"]["synthesized"]) == (0, 2)
+    for r in [*one.values(), *two.values()]:
+        assert r["selected"] + r["synthesized"] == r["quota"]
+    # c's pool example has a disagreeing rationale: dropped, but its call is spent
+    assert (one["c"]["kept"], one["c"]["dropped"]) == (1, 1)
+    assert s["stages"][0]["kept"] == 5 and s["stages"][1]["kept"] == 6
+    assert s["stages"][1]["examples"] == 11  # stage 2 trains on everything gathered so far
+
+    st, out = open_storage(replay_run["out"])
+    c1 = st.read_parquet(st.join(out, "stage-1", "calls.parquet")).to_pandas()
+    c2 = st.read_parquet(st.join(out, "stage-2", "calls.parquet")).to_pandas()
+    c_calls = c1[c1["domain"] == "c"]
+    assert c_calls["status"].tolist() == ["rejected", "kept"]
+    assert c_calls["reason"].iloc[0] == "rationale_disagrees"
+    annotated = lambda c: set(c.loc[c["kind"] == "annotate", "example_id"])
+    assert not annotated(c1) & annotated(c2)  # an example is never annotated twice
+    synth = c2[c2["kind"] == "synthesize"]
+    assert (synth["status"] == "kept").all() and synth["input"].str.startswith("synthetic").all()
+    # head selection is the top of the IFD ranking of the scored candidates
+    ifd = st.read_parquet(st.join(out, "stage-1", "ifd.parquet")).to_pandas()
+    for _, g in ifd.groupby("domain"):
+        assert g["selected"].sum() == 2
+        assert g.loc[g["selected"], "ifd"].min() >= g.loc[~g["selected"], "ifd"].max()
+    examples = st.read_parquet(st.join(out, "stage-2", "examples.parquet")).to_pandas()
+    assert (examples["rationale"] != "").all() and set(examples["output"]) <= {"pos", "neg"}
+
+
+def test_budget_is_spent_exactly_and_never_exceeded(replay_run):
+    s = replay_run["summary"]
+    assert replay_run["calls"] == s["spent"] == 12 and s["remaining"] == 0
+    assert [(r["spent"], r["remaining"]) for r in s["stages"]] == [(6, 6), (6, 0)]
+    assert s["long_tail"]["counts"] == {"a": 8, "b": 3, "c": 1}
+    assert s["long_tail"]["imbalance_ratio"] == 8.0
+    # each stage trained and evaluated per domain; the curve has the base model and 2 stages
+    assert all(r["train_steps"] == 2 for r in s["stages"])
+    curves = {c["domain"]: c for c in s["curves"]}
+    assert set(curves) == {"a", "b", "c", "(macro)", "(micro)"}
+    assert set(curves["(macro)"]) == {"domain", "base", "stage 1", "stage 2"}
+    assert s["final_adapter"].endswith("stage-2/train/adapter")
+    st, out = open_storage(replay_run["out"])
+    assert st.exists(st.join(out, "report.html")) and st.exists(st.join(out, "distill.json"))
+
+
+def test_finished_run_costs_nothing_and_other_plans_are_refused(replay_run):
+    from rebase_ray.config import ConfigError
+
+    with ReplayTeacher(replay) as teacher:
+        again = distill(task(replay_run["eval"]), pa_table(pool({"a": 8, "b": 3, "c": 1})),
+                        replay_run["out"], *configs(), teacher_url=teacher.url)
+        assert teacher.chat_requests() == []
+    assert again["resumed_stages"] == [1, 2] and again["spent"] == 12
+    assert again["curves"] == replay_run["summary"]["curves"]
+    with pytest.raises(ConfigError, match="plan_hash"):
+        distill(task(replay_run["eval"]), pa_table(pool({"a": 8, "b": 3, "c": 1})),
+                replay_run["out"], *configs(budget=9), teacher_url="http://127.0.0.1:9/v1")
+
+
+def test_budget_and_resume_on_the_real_serve_teacher(ray_cluster, serve_port, tmp_path):
+    """The tiny random teacher answers noise: every rationale disagrees and every synthesis is
+    rejected, yet each call is spent — the endpoint sees exactly B calls, never more. Then
+    stage 2 is lost: the rerun redoes stage 2 only (2 more calls), not stage 1."""
+    from rebase_ray.serve.teacher import local_teacher
+    from rebase_ray.teacher.client import TeacherClient
+
+    cfg = TeacherConfig(model=TINY, max_batch_size=8,
+                        serve=ServeConfig(port=serve_port, num_cpus=0.5, route_prefix="/distill"))
+    distill_cfg, train_cfg, eval_cfg = configs(stages=2, budget=5)
+    out = str(tmp_path / "out")
+    st, out = open_storage(out)
+    with local_teacher(cfg, name="teacher-distill") as url:
+        s = distill(task(), pa_table(pool({"a": 6, "b": 1})), out, distill_cfg, train_cfg,
+                    eval_cfg, teacher_url=url)
+        served = TeacherClient(url).server_metrics()["requests"]
+        assert served == s["spent"] == 5 and s["remaining"] == 0
+        assert [r["spent"] for r in s["stages"]] == [3, 2]
+        assert sum(r["kept"] for r in s["stages"]) == 0
+        assert all(r["train_steps"] is None for r in s["stages"])  # nothing kept: no training
+        assert s["final_adapter"] is None
+
+        stage_one = st.read_json(st.join(out, "stage-1", "manifest.json"))
+        st.delete(st.join(out, "stage-2"), recursive=True)
+        again = distill(task(), pa_table(pool({"a": 6, "b": 1})), out, distill_cfg, train_cfg,
+                        eval_cfg, teacher_url=url)
+        assert TeacherClient(url).server_metrics()["requests"] == served + 2
+    assert again["resumed_stages"] == [1] and again["spent"] == 5
+    assert st.read_json(st.join(out, "stage-1", "manifest.json")) == stage_one
+
+
+def test_cli_distill_on_a_finished_run(replay_run, tmp_path):
+    """`rebase-ray distill PIPELINE.yaml --json` renders the run's summary (nothing to redo)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from rebase_ray.cli import app
+
+    distill_cfg, train_cfg, eval_cfg = configs()
+    pipeline = {"storage_root": str(tmp_path), "datastore": str(tmp_path / "unused"),
+                "task": task(replay_run["eval"]).model_dump(mode="json"),
+                "distill": distill_cfg.model_dump(mode="json"),
+                "train": train_cfg.model_dump(mode="json"),
+                "evaluate": eval_cfg.model_dump(mode="json")}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    examples = tmp_path / "pool.parquet"
+    pool({"a": 8, "b": 3, "c": 1}).to_parquet(examples)
+    with ReplayTeacher(replay) as teacher:
+        result = CliRunner().invoke(app, ["distill", str(tmp_path / "pipeline.yaml"),
+                                          "--examples", str(examples), "--out",
+                                          replay_run["out"], "--teacher", teacher.url, "--json"])
+        assert teacher.chat_requests() == []
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["resumed_stages"] == [1, 2]
+    assert {"stage", "domain", "role", "quota", "selected", "synthesized", "kept",
+            "metric"} <= set(summary["domains"][0])

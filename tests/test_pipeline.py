@@ -1,0 +1,176 @@
+"""End to end: the resumable pipeline run (killed after retrieval, resumed from transform),
+and Ray Jobs submitted to a real local Ray head started by the test."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+from conftest import REPO, free_port, wait_for_port
+from replay_teacher import ReplayTeacher
+
+from rebase_ray import submit
+from rebase_ray.config import load_pipeline
+from rebase_ray.pipeline import run
+
+TOPICS = ["sport", "business"]
+
+
+def write_project(tmp_path, teacher_url=None, stages=1):
+    """A tiny but complete project: two sources, a task with an eval set, a pipeline."""
+    data = tmp_path / "data"
+    data.mkdir()
+    games = ["football", "tennis", "cricket", "rugby", "golf", "hockey"]
+    money = ["stocks", "bonds", "interest rates", "inflation", "banks", "profits"]
+    (data / "sports.jsonl").write_text("".join(json.dumps(
+        {"question": f"What do you know about {g}?", "answer": f"{g} is a sport with fans"}) + "\n"
+        for g in games))
+    (data / "money.jsonl").write_text("".join(json.dumps(
+        {"question": f"Tell me about {m}", "answer": f"{m} matter to markets and companies"})
+        + "\n" for m in money))
+    (data / "eval.jsonl").write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in [
+        ("The striker scored twice in the cup final.", "sport"),
+        ("The bank reported higher quarterly profits.", "business"),
+        ("The champion won the final set.", "sport"),
+        ("Shares fell after the results.", "business")]))
+    pipeline = {
+        "storage_root": str(tmp_path / "artifacts"),
+        "sources": [
+            {"name": "chat_sports", "path": "data/sports.jsonl",
+             "description": "conversations about sports"},
+            {"name": "chat_money", "path": "data/money.jsonl",
+             "description": "conversations about money and finance"}],
+        "task": {"name": "topic", "instruction": "Classify the topic of a news sentence.",
+                 "examples": [{"input": "Chelsea win the league.", "output": "sport"}],
+                 "labels": TOPICS, "answer": "label",
+                 "eval": {"path": "data/eval.jsonl", "input": "text", "output": "label",
+                          "domain": "label"}},
+        "index": {"batch_size": 16},
+        "retrieve": {"top_n": 8},
+        "teacher": {"model": "bundled:tiny-random-llama", "url": teacher_url},
+        "transform": {"concurrency": 4, "max_tokens": 32},
+        "distill": {"stages": stages, "budget": 4, "mode": "balanced", "domain_from": "label"},
+        "train": {"model": "bundled:tiny-random-llama", "max_steps": 2, "batch_size": 2,
+                  "max_seq_len": 128, "checkpoint_every": 2},
+        "evaluate": {"max_new_tokens": 4},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    return path
+
+
+def replay(prompt: str) -> str:
+    """A teacher that writes a sports or a money example, and agreeing rationales."""
+    if "Correct answer: sport" in prompt:
+        return "It is about a game.\nAnswer: sport"
+    if "Correct answer: business" in prompt:
+        return "It is about money.\nAnswer: business"
+    topic = "sport" if any(g in prompt for g in ("football", "tennis", "cricket", "rugby",
+                                                  "golf", "hockey", "Domain: sport")) else "business"
+    subject = prompt.split("<record>")[-1][:60] if "<record>" in prompt else prompt[-60:]
+    n = abs(hash(subject)) % 10_000
+    return json.dumps({"input": f"News item {n}: a story about {topic} number {n}.",
+                       "output": topic})
+
+
+@pytest.mark.slow
+def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path):
+    with ReplayTeacher(replay) as teacher:
+        path = write_project(tmp_path, teacher_url=teacher.url)
+        env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", "run", str(path)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        manifest = tmp_path / "artifacts" / "run.json"
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline:
+                if manifest.exists() and "retrieve" in json.loads(manifest.read_text())["stages"]:
+                    break
+                assert proc.poll() is None, "the run ended before retrieval finished"
+                time.sleep(0.2)
+            else:
+                pytest.fail("retrieval did not finish in time")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and every process it started
+            proc.wait()
+        assert set(json.loads(manifest.read_text())["stages"]) == {"index", "retrieve"}
+        calls_before = len(teacher.chat_requests())
+
+        summary = run(load_pipeline(path))
+        status = {row["stage"]: row["status"] for row in summary["stages"]}
+        assert status == {"index": "skipped (up to date)", "retrieve": "skipped (up to date)",
+                          "transform": "done", "distill": "done", "evaluate": "done"}
+        assert len(teacher.chat_requests()) > calls_before
+        assert summary["report"].endswith("report.html") and os.path.exists(summary["report"])
+        assert {m["run"] for m in summary["metrics"]} == {"base", "trained"}
+
+        again = run(load_pipeline(path))  # everything up to date: no stage reruns
+        assert {row["status"] for row in again["stages"]} == {"skipped (up to date)"}
+
+
+@pytest.fixture()
+def ray_head():
+    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with the dashboard, in its own
+    temp dir so no other Ray client picks it up; stopped by PID."""
+    temp_dir = tempfile.mkdtemp(prefix="rrhead", dir="/tmp")
+    port, dash = free_port(), free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # agents on free ports: the test session's own Ray already holds the default ones
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}"],
+        # a loopback-only head for the test: Ray's token auth off, as for a local dev cluster
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(dash, timeout=120)
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submit_index_job_to_a_real_head(ray_head, tmp_path):
+    path = write_project(tmp_path)
+    address = ray_head
+    job_id = None
+    deadline = time.time() + 240
+    while job_id is None:  # the Jobs API answers only once the head's dashboard agent is up
+        try:
+            job_id = submit.submit(str(path), address, stage="index")
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(3)
+    final = submit.wait(address, job_id, timeout_s=400)
+    logs = submit.logs(address, job_id)
+    assert final["status"] == "SUCCEEDED", logs[-3000:]
+    assert '"cells_embedded": 24' in logs  # 12 rows x 2 columns, embedded on the cluster
+    manifest = json.loads((tmp_path / "artifacts" / "datastore" / "manifest.json").read_text())
+    assert sum(s["cells"] for s in manifest["shards"]) == 24
+    assert submit.status(address, job_id)["entrypoint"] == "python -m jobs.index pipeline.yaml"
+
+
+def test_submit_refuses_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        submit.submit(str(tmp_path / "p.yaml"), "http://127.0.0.1:1", stage="nope")
+    with pytest.raises(FileNotFoundError, match="pipeline file not found"):
+        submit.submit(str(tmp_path / "missing.yaml"), "http://127.0.0.1:1")
+    assert set(submit.project_modules()) == {str(REPO / "rebase_ray"), str(REPO / "jobs")}

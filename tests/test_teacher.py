@@ -1,0 +1,150 @@
+"""Teacher backends without Serve: the transformers backend (tiny random model, a LoRA adapter
+made here with peft, local and on S3), the vLLM config translation, and the Serve config."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rebase_ray.cli import app
+from rebase_ray.config import ConfigError, TeacherConfig
+from rebase_ray.models import TINY
+from rebase_ray.storage import Storage
+from rebase_ray.teacher.backends import SamplingParams, TransformersBackend
+from rebase_ray.teacher.vllm_backend import VLLMUnavailable, build_vllm_app, llm_config
+
+CONVS = [[{"role": "user", "content": "Name a colour."}],
+         [{"role": "system", "content": "Be brief."},
+          {"role": "user", "content": "What is the capital of France, and why is it famous?"}]]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TransformersBackend:
+    return TransformersBackend(TINY)
+
+
+def test_batch_counts_tokens_and_honours_n_and_length(tiny):
+    out = tiny.generate(CONVS, SamplingParams(temperature=0.9, max_tokens=6, n=3, seed=0))
+    assert [len(choices) for choices in out] == [3, 3]
+    texts = tiny.tokenizer.apply_chat_template(CONVS[1], tokenize=False,
+                                               add_generation_prompt=True)
+    assert out[1][0].prompt_tokens == len(tiny.tokenizer(texts, add_special_tokens=False)
+                                          ["input_ids"])
+    assert out[0][0].prompt_tokens != out[1][0].prompt_tokens  # left padding not counted
+    for c in out[0] + out[1]:
+        assert 1 <= c.completion_tokens <= 6
+        assert c.finish_reason == ("length" if c.completion_tokens == 6 else "stop")
+    assert len({c.text for c in out[0]}) > 1  # n samples, not one answer repeated
+
+
+def test_seed_reproduces_a_batch_and_greedy_repeats(tiny):
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=7)
+    first = tiny.generate(CONVS, params)
+    assert tiny.generate(CONVS, params) == first
+    greedy = tiny.generate(CONVS[:1], SamplingParams(temperature=0, max_tokens=5, n=2))
+    assert greedy[0][0] == greedy[0][1]
+
+
+def test_stop_string_cuts_the_text(tiny):
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=3)
+    full = tiny.generate(CONVS[:1], params)[0][0].text
+    stop = full.strip()[3:6]  # a substring the model writes under this seed
+    cut = tiny.generate(CONVS[:1], SamplingParams(**{**params.__dict__, "stop": (stop,)}))[0][0]
+    assert cut.text == full[:full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_lora_adapter_local_and_on_s3(tiny, tmp_path, s3_bucket):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rebase_ray.models import resolve
+
+    base = AutoModelForCausalLM.from_pretrained(resolve(TINY))
+    # init_lora_weights=False: random B matrices, so the adapter really changes the output
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj"],
+                                                 task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    uri = f"{s3_bucket}/adapters/a1"
+    Storage.for_uri(uri).upload_dir(str(tmp_path / "adapter"), uri)
+
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    plain = tiny.generate(CONVS, greedy)
+    local = TransformersBackend(TINY, adapter=str(tmp_path / "adapter"))
+    from_s3 = TransformersBackend(TINY, adapter=uri)
+    assert isinstance(local.model, PeftModel)
+    assert local.generate(CONVS, greedy) != plain
+    assert from_s3.generate(CONVS, greedy) == local.generate(CONVS, greedy)
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+
+def test_vllm_config_translation():
+    cfg = TeacherConfig(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16",
+                        max_model_len=4096, served_model_name="teacher",
+                        serve={"num_gpus": 2, "min_replicas": 1, "max_replicas": 4,
+                               "target_ongoing_requests": 32})
+    assert llm_config(cfg) == {
+        "model_loading_config": {"model_id": "teacher", "model_source": "Qwen/Qwen2.5-7B-Instruct"},
+        "engine_kwargs": {"tensor_parallel_size": 2, "dtype": "bfloat16", "max_model_len": 4096},
+        "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
+                                                     "target_ongoing_requests": 32}},
+    }
+    with pytest.raises(ConfigError, match="teacher.model"):
+        llm_config(TeacherConfig(backend="vllm"))  # the bundled default is not for vLLM
+    with pytest.raises(ConfigError, match="teacher.adapter"):
+        llm_config(TeacherConfig(backend="vllm", model="m", adapter="s3://b/a"))
+
+
+def test_vllm_missing_is_a_clear_error(monkeypatch):
+    # Here vLLM is absent for real; hide ray.serve.llm too so the test holds where it exists.
+    real_import = builtins.__import__
+
+    def no_llm(name, *args, **kwargs):
+        if name.startswith(("ray.serve.llm", "vllm")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llm)
+    with pytest.raises(VLLMUnavailable, match=r"rebase-ray\[gpu\]"):
+        build_vllm_app(TeacherConfig(backend="vllm", model="Qwen/Qwen2.5-0.5B-Instruct"))
+    assert "vllm" not in sys.modules  # importing the backend module did not import vLLM
+
+
+# ----------------------------------------------------------------------------- Serve config
+
+
+def test_print_config_is_a_deployable_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    from rebase_ray.serve.teacher import app_builder
+
+    res = CliRunner().invoke(app, ["serve", "teacher", "--print-config", "--model", TINY,
+                                   "--port", "9000", "--max-batch-size", "16",
+                                   "--route-prefix", "/teacher"])
+    assert res.exit_code == 0, res.output
+    conf = yaml.safe_load(res.stdout)
+    ServeDeploySchema.model_validate(conf)  # what `serve deploy` and KubeRay accept
+    assert conf["http_options"]["port"] == 9000
+    (application,) = conf["applications"]
+    assert application["import_path"] == "rebase_ray.serve.teacher:app_builder"
+    assert application["route_prefix"] == "/teacher"
+    assert application["args"]["max_batch_size"] == 16
+    built = app_builder(application["args"])
+    assert type(built).__name__ == "Application"
+
+    res = CliRunner().invoke(app, ["serve", "teacher", "--print-config", "--backend", "vllm",
+                                   "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--num-gpus", "1"])
+    assert res.exit_code == 0, res.output
+    (application,) = yaml.safe_load(res.stdout)["applications"]
+    assert application["import_path"] == "ray.serve.llm:build_openai_app"
+    assert application["args"]["llm_configs"][0]["engine_kwargs"] == {"tensor_parallel_size": 1}
+
+    res = CliRunner().invoke(app, ["serve", "teacher", "--print-config", "--max-batch-size", "0"])
+    assert res.exit_code == 2 and "max_batch_size" in res.output

@@ -1,0 +1,175 @@
+"""The teacher on Ray Serve over real HTTP on 127.0.0.1 (tiny random model, 0.5 CPU per
+replica): the official openai client, dynamic batching, auth and bad-input codes, the
+TeacherClient's budget and retries, and a replica killed mid-run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from rebase_ray.config import TeacherConfig
+from rebase_ray.models import SMOLLM2, TINY
+from rebase_ray.serve.teacher import local_teacher
+from rebase_ray.teacher.backends import SamplingParams
+from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
+from rebase_ray.teacher.openai_backend import OpenAIBackend
+
+KEY = "test-key"
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def teacher_config(port: int, **kw) -> TeacherConfig:
+    serve = {"port": port, "num_cpus": 0.5, "api_key": KEY, "max_request_bytes": 20_000,
+             **kw.pop("serve", {})}
+    return TeacherConfig(**{"model": TINY, "max_batch_size": 8, "batch_wait_timeout_s": 0.3,
+                            "serve": serve, **kw})
+
+
+@pytest.fixture(scope="module")
+def teacher(serve_port):
+    with local_teacher(teacher_config(serve_port)) as url:
+        yield url
+
+
+def metrics(url: str) -> dict:
+    resp = httpx.get(url[:-3] + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    resp.raise_for_status()
+    return resp.json()
+
+
+def test_official_openai_client_unchanged(teacher):
+    client = openai.OpenAI(base_url=teacher, api_key=KEY)
+    assert [m.id for m in client.models.list().data] == [TINY]
+    resp = client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=5, n=2,
+                                          temperature=0.8, seed=1, stop=["\n\n"],
+                                          response_format={"type": "json_object"})
+    assert len(resp.choices) == 2 and all(isinstance(c.message.content, str)
+                                          for c in resp.choices)
+    assert resp.usage.prompt_tokens > 0
+    assert 2 <= resp.usage.completion_tokens <= 10
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
+
+
+def test_concurrent_requests_are_batched(teacher):
+    before = metrics(teacher)
+    client = TeacherClient(teacher, api_key=KEY, concurrency=8)
+    results = client.chat_many([HELLO] * 8, max_tokens=4, temperature=0)
+    assert all(not isinstance(r, Exception) for r in results), results
+    after = metrics(teacher)
+    assert after["requests"] - before["requests"] == 8
+    assert after["batch_size_max"] > 1
+    assert after["batches"] - before["batches"] < 8  # 8 requests, fewer generate calls
+    assert after["tokens_per_s"] > 0 and after["queue_s_max"] > 0
+    assert client.stats.completion_tokens == sum(r.completion_tokens for r in results) > 0
+
+
+def test_auth_and_bad_input_codes(teacher):
+    url = teacher + "/chat/completions"
+    body = {"messages": HELLO, "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(teacher + "/models").status_code == 401
+    assert httpx.get(teacher[:-3] + "/healthz").status_code == 200  # probes need no key
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=teacher, api_key="wrong", max_retries=0).models.list()
+
+    bad = [b"{not json", b"[1, 2]", b'{"messages": []}', b'{"max_tokens": 2}',
+           b'{"messages": [{"role": "user", "content": "x"}], "temperature": -1}',
+           b'{"messages": [{"role": "user", "content": "x"}], "stream": true}']
+    for raw in bad:
+        resp = httpx.post(url, content=raw, headers={**auth, "Content-Type": "application/json"})
+        assert resp.status_code == 400, raw
+        assert resp.json()["error"]["message"]
+
+    huge = {"messages": [{"role": "user", "content": "x" * 30_000}]}
+    resp = httpx.post(url, json=huge, headers=auth)
+    assert resp.status_code == 413 and "20000 bytes" in resp.json()["error"]["message"]
+
+
+def test_budget_is_hard_and_counted_by_the_server(teacher):
+    before = metrics(teacher)["requests"]
+    client = TeacherClient(teacher, api_key=KEY, model=TINY, concurrency=4, max_requests=5)
+    done = []
+    results = client.chat_many([HELLO] * 9, progress=done.append, max_tokens=3)
+    assert sum(not isinstance(r, Exception) for r in results) == 5
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 4
+    assert sum(done) == 9
+    assert metrics(teacher)["requests"] - before == 5  # refused requests never went out
+    assert (client.stats.requests, client.stats.refused, client.stats.failures) == (5, 4, 0)
+    assert client.stats.http_attempts == 5
+
+
+def test_openai_backend_against_the_endpoint(teacher):
+    backend = OpenAIBackend(TeacherClient(teacher, api_key=KEY))
+    out = backend.generate([HELLO, HELLO], SamplingParams(temperature=0.7, max_tokens=3, n=2,
+                                                          seed=5))
+    assert [len(c) for c in out] == [2, 2]
+    assert all(c.completion_tokens > 0 for choices in out for c in choices)
+
+
+def test_env_api_key_and_client_retries_server_timeouts(serve_port, monkeypatch):
+    # The key comes from $REBASE_RAY_API_KEY. A request alone waits batch_wait_timeout_s
+    # (60 s) for company, so the server's own timeout (0.3 s) answers 504 first; the openai
+    # client retries 5xx with backoff.
+    monkeypatch.setenv("REBASE_RAY_API_KEY", "env-key")
+    cfg = teacher_config(serve_port, batch_wait_timeout_s=60.0, serve={
+        "api_key": None, "request_timeout_s": 0.3, "route_prefix": "/slow"})
+    with local_teacher(cfg, name="teacher-slow") as url:
+        assert url.endswith("/slow/v1")
+        assert httpx.get(url + "/models", headers={"Authorization": f"Bearer {KEY}"}
+                         ).status_code == 401
+        before = httpx.get(url[:-3] + "/metrics",
+                           headers={"Authorization": "Bearer env-key"}).json()["timeouts"]
+        client = TeacherClient(url, api_key="env-key", model=TINY, max_retries=2)
+        (result,) = client.chat_many([HELLO], max_tokens=2)
+        assert isinstance(result, openai.APIStatusError) and result.status_code == 504
+        assert client.stats.http_attempts == 3  # the first try and two retries
+        assert (client.stats.requests, client.stats.failures) == (1, 1)
+        assert client.server_metrics()["timeouts"] - before == 3
+
+
+def test_killed_replica_is_restarted(teacher):
+    import ray
+
+    replica = metrics(teacher)["replica"]
+    client = TeacherClient(teacher, api_key=KEY, model=TINY, concurrency=2, max_retries=5)
+    results: list = []
+    run = threading.Thread(target=lambda: results.extend(
+        client.chat_many([HELLO] * 12, max_tokens=16)))
+    run.start()
+    time.sleep(1.0)  # requests are in flight
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)  # the actor's name
+    run.join(timeout=120)
+    assert len(results) == 12  # every request came back, as an answer or an error
+
+    deadline = time.time() + 60
+    while True:  # Serve notices the dead replica and starts a new one
+        try:
+            new = metrics(teacher)["replica"]
+            if new != replica:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "Serve did not replace the killed replica"
+        time.sleep(0.5)
+    later = TeacherClient(teacher, api_key=KEY, model=TINY).chat_many([HELLO] * 3, max_tokens=4)
+    assert all(not isinstance(r, Exception) for r in later), later
+
+
+@pytest.mark.slow
+def test_smollm2_answers(serve_port):
+    cfg = TeacherConfig(model=SMOLLM2, max_batch_size=4,
+                        serve={"port": serve_port, "num_cpus": 1, "route_prefix": "/smol"})
+    with local_teacher(cfg, name="teacher-smol") as url:
+        client = openai.OpenAI(base_url=url, api_key="unused")
+        resp = client.chat.completions.create(
+            model=SMOLLM2, max_tokens=24, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "paris" in resp.choices[0].message.content.lower()

@@ -1,0 +1,104 @@
+"""Ray Train LoRA fine-tuning with the tiny random Llama: DDP on 2 CPU workers, checkpoints on
+the moto S3 server, a worker killed mid-run, and each budget stopping the run."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rebase_ray.config import TaskConfig, TrainConfig
+from rebase_ray.models import TINY, load_tokenizer
+from rebase_ray.storage import Storage
+from rebase_ray.train import train_student
+from rebase_ray.train.lora import IGNORE, collate, encode
+
+WORDS = [("cat", "yes"), ("dog", "yes"), ("table", "no"), ("car", "no"), ("cow", "yes"),
+         ("rock", "no"), ("fish", "yes"), ("chair", "no")]
+TASK = TaskConfig(name="animals", instruction="Is it an animal? Answer yes or no.",
+                  examples=[{"input": "cat", "output": "yes"}], labels=["yes", "no"],
+                  answer="label")
+
+
+def examples_table() -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"input": f"Is a {w} an animal?", "output": a, "rationale": f"A {w} is what it is.",
+          "domain": a} for w, a in WORDS]
+        + [{"input": "", "output": "yes", "rationale": None, "domain": "yes"}])  # rejected
+
+
+def tiny(**kw) -> TrainConfig:
+    base = {"model": TINY, "batch_size": 2, "learning_rate": 2e-2, "epochs": 100,
+            "cpus_per_worker": 0.5, "checkpoint_every": 4}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_encode_masks_prompt_and_rejects_empty_rows():
+    tok = load_tokenizer(TINY)
+    rows = examples_table().to_pylist()
+    data, rejects, truncated = encode(rows, TASK.instruction, tok, max_seq_len=512)
+    assert len(data) == 8 and truncated == 0
+    assert rejects == [{"index": 8, "reason": "empty input or output", "input": "",
+                        "output": "yes"}]
+    _, mask, labels = collate(data[:2], tok.pad_token_id)
+    answer = tok.decode(labels[0][labels[0] != IGNORE])
+    assert answer.startswith("A cat is what it is.\nAnswer: yes")
+    assert "Is a cat" not in answer  # the prompt is not learned
+    assert int(mask[0].sum()) == len(data[0]["input_ids"])
+    short, _, cut = encode(rows[:1], TASK.instruction, tok, max_seq_len=24)
+    assert cut == 1 and len(short[0]["input_ids"]) == 24
+
+
+@pytest.mark.slow
+def test_two_workers_on_s3_survive_a_killed_worker(ray_cluster, s3_bucket, tmp_path):
+    """2 gloo workers, run storage on S3; rank 1 dies once right after step 6 (the checkpoint
+    is at step 4): the group restarts from step 4 and finishes all 12 steps; loss falls."""
+    marker = tmp_path / "killed"
+
+    def kill_once(step: int, rank: int) -> None:
+        if step == 6 and rank == 1 and not os.path.exists(marker):
+            Path(marker).write_text("x")
+            time.sleep(3)  # the controller registers reported checkpoints when it polls (2 s)
+            os._exit(1)
+
+    out = f"{s3_bucket}/run"
+    summary = train_student(examples_table(), TASK, tiny(num_workers=2, max_steps=12), out,
+                            on_step=kill_once)
+    assert marker.exists()
+    assert summary["restarts"] == 1
+    assert summary["steps"] == 12 and summary["stop_reason"] == "max_steps"
+    assert [s for s, _ in summary["loss_curve"]] == list(range(1, 13))  # resumed at step 5
+    losses = [v for _, v in summary["loss_curve"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15
+    assert summary["rejected"] == 1 and summary["examples_used"] == 8
+
+    st = Storage.for_uri(out)
+    assert st.ls(f"{out}/checkpoints", "checkpoint_*")  # Ray Train wrote to the S3 server
+    assert st.exists(f"{out}/train_rejects.jsonl")
+    assert st.read_json(f"{out}/train_summary.json")["steps"] == 12
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rebase_ray.models import resolve
+
+    local = st.download_dir(f"{out}/adapter", str(tmp_path / "adapter"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(TINY)), local)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget, value, check", [
+    ("max_tokens", 300, lambda s: s["tokens"] >= 300 and s["steps"] < 12),
+    ("max_examples", 6, lambda s: s["examples"] == 6 and s["steps"] == 3),
+    ("max_wall_s", 0.01, lambda s: s["steps"] == 1),
+    ("epochs", 0.5, lambda s: s["steps"] == 2),
+])
+def test_each_budget_stops_training(ray_cluster, tmp_path, budget, value, check):
+    cfg = tiny(num_workers=1, max_steps=12, cpus_per_worker=1, **{budget: value})
+    summary = train_student(examples_table(), TASK, cfg, str(tmp_path / "run"))
+    assert summary["stop_reason"] == budget
+    assert check(summary), summary
