@@ -118,3 +118,14 @@ def base_url(host: str, port: int, route_prefix: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl+C (the `rebase-ray serve ...` commands serve until then)."""
+    import time
+
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass

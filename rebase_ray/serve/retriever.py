@@ -29,6 +29,7 @@ from rebase_ray.serve.http import (
     install_error_handlers,
     resolve_api_key,
     start_proxy,
+    wait_for_interrupt,
 )
 
 APP_NAME = "retriever"
@@ -147,9 +148,5 @@ def serve_retriever(datastore: str, cfg: RetrieveConfig, on_ready: Callable[[str
     started = time.time()
     with local_retriever(datastore, cfg, s3) as url:
         on_ready(url)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+        wait_for_interrupt()
     return {"url": url, "datastore": datastore, "served_s": round(time.time() - started, 1)}

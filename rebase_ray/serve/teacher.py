@@ -37,6 +37,7 @@ from rebase_ray.serve.http import (
     install_error_handlers,
     resolve_api_key,
     start_proxy,
+    wait_for_interrupt,
 )
 from rebase_ray.teacher.backends import Completion, Messages, SamplingParams, make_backend
 from rebase_ray.teacher.vllm_backend import IMPORT_PATH as VLLM_IMPORT_PATH
@@ -286,11 +287,7 @@ def serve_teacher(cfg: TeacherConfig, on_ready: Callable[[str], Any]) -> dict[st
     started = time.time()
     with local_teacher(cfg) as url:
         on_ready(url)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+        wait_for_interrupt()
         metrics = TeacherClient(url, api_key=resolve_api_key(cfg.serve.api_key)).server_metrics()
     return {"url": url, "backend": cfg.backend, "model": served_name(cfg),
             "served_s": round(time.time() - started, 1), "metrics": metrics}
