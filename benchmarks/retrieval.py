@@ -156,7 +156,9 @@ def main() -> None:
     ap.add_argument("--factory", default="IVF256,Flat",
                     help="FAISS factory per shard (HNSW builds too slowly on 2 shared cores)")
     ap.add_argument("--nprobe", type=int, default=16)
-    ap.add_argument("--candidates", type=int, default=200, help="ANN cells per query vector")
+    ap.add_argument("--candidates", type=int, default=1000, help="ANN cells per query vector")
+    ap.add_argument("--search-params", default=None,
+                    help='FAISS search params at query time, e.g. "nprobe=8"')
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--sigma", type=float, default=0.02)
     ap.add_argument("--quick", action="store_true", help="100k cells")
@@ -173,7 +175,7 @@ def main() -> None:
     print(f"datastore {uri} ready in {time.perf_counter() - t:.0f}s")
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     cfg = RetrieveConfig(top_n=TOP, candidates_per_query=args.candidates,
-                         shard_cpus=1 / args.shards)
+                         shard_cpus=1 / args.shards, search_params=args.search_params)
     t = time.perf_counter()
     retriever = Retriever(uri, cfg)
     open_s = time.perf_counter() - t
@@ -197,7 +199,8 @@ def main() -> None:
     ray.shutdown()
     result = {
         "cells": args.cells, "rows": args.cells // CELLS_PER_ROW, "shards": args.shards,
-        "factory": args.factory, "nprobe": args.nprobe, "candidates_per_query": args.candidates,
+        "factory": args.factory, "nprobe": args.nprobe, "search_params": args.search_params,
+        "candidates_per_query": args.candidates,
         "tasks": len(queries), "top": TOP,
         "vectors": "real BIG-bench cell embeddings perturbed with Gaussian noise "
                    f"(sigma {args.sigma}/dim); datastore written directly in the on-storage "

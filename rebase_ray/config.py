@@ -173,6 +173,13 @@ class RetrieveConfig(Strict):
     diversity_weight: float = Field(default=0.7, gt=0, le=1, description="MMR score weight")
     ngram: int = Field(default=13, gt=0, description="n of the eval-set n-gram overlap check")
     shard_cpus: float = Field(default=0.25, gt=0, description="CPUs per shard actor")
+    search_params: str | None = Field(
+        default=None, description='FAISS search params for every shard, e.g. "nprobe=8" or '
+        '"efSearch=64"; None: those the datastore was built with')
+    max_batch_size: int = Field(default=16, gt=0, description="endpoint requests per batch")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    verify: Literal["cached", "full"] = Field(
+        default="cached", description="cached: re-hash a shard file only when its stat changed")
     serve: ServeConfig = ServeConfig(route_prefix="/retriever")  # beside the teacher at /
 
 

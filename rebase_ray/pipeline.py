@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rebase_ray.config import PipelineConfig, config_hash
+from rebase_ray.retrieve.stage import HOW_NOT_WHAT
 from rebase_ray.storage import Storage, open_storage
 
 STAGES = ("index", "retrieve", "transform", "distill", "evaluate")
@@ -44,8 +45,9 @@ class Run:
     def keys(self) -> dict[str, str]:
         c = self.cfg
         keys = {"index": config_hash(c.datastore or [s.model_dump() for s in c.sources or []],
-                                     c.index)}
-        keys["retrieve"] = config_hash(keys["index"], c.task, c.retrieve)
+                                     c.index.build_hash())}
+        keys["retrieve"] = config_hash(keys["index"], c.task,
+                                       c.retrieve.model_dump(exclude=HOW_NOT_WHAT))
         keys["transform"] = config_hash(keys["retrieve"], c.transform, c.teacher.model,
                                         c.teacher.url)
         keys["distill"] = config_hash(keys["transform"], c.distill, c.train, c.evaluate)

@@ -133,6 +133,37 @@ def test_tampered_index_is_refused_then_rebuilt(built, tmp_path):
     assert Datastore.open(out).load_index(0).ntotal == Datastore.open(out).shard_count(0)
 
 
+def test_hashes_are_cached_until_the_file_changes(built, tmp_path, monkeypatch):
+    """A second open does not re-read an unchanged shard (the hash cache); a file modified
+    after being cached is hashed again and refused; verify="full" always re-reads."""
+    import rebase_ray.datastore.store as store_module
+
+    _, out, _ = built
+    out = _copy(out, tmp_path)
+    monkeypatch.setenv("REBASE_RAY_CACHE", str(tmp_path / "cache"))
+    Datastore.open(out).load_index(0)  # hashes shard 0's files and records them
+    reads = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        reads.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "open", counting_open, raising=False)
+    Datastore.open(out).load_index(0)
+    assert reads == []
+    Datastore.open(out, verify="full").load_index(0)
+    assert len(reads) == 3  # index.faiss, cells.parquet, vectors.npy
+    path = os.path.join(out, "shards", "shard-00000", "vectors.npy")
+    with real_open(path, "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)[0]
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last ^ 0xFF]))
+    with pytest.raises(ChecksumError, match="shard-00000/vectors.npy was modified"):
+        Datastore.open(out).load_vectors(0)
+
+
 @pytest.mark.slow
 def test_s3_in_and_out_with_the_cli(tmp_path, s3_bucket, ray_cluster, monkeypatch):
     monkeypatch.setenv("REBASE_RAY_CACHE", str(tmp_path / "cache"))

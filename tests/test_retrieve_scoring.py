@@ -7,6 +7,7 @@ import json
 
 import faiss
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -75,7 +76,7 @@ def test_exact_scores_match_brute_force(setup):
     cells, vectors, inputs, outputs, instruction, descriptions, ds_scores = setup
     shard = Shard(flat(vectors), vectors, cells)
     out = shard.search(inputs.mean(0), outputs.mean(0), ds_scores, k=len(vectors), top=10_000)
-    hits = out["hits"]
+    hits = pd.DataFrame(shard.frame(out))
     ref = reference(cells, vectors, inputs, outputs, instruction, descriptions)
     assert out["complete"] and len(hits) == len(ref) == 300
     for h in hits.itertuples():
@@ -104,43 +105,49 @@ def test_planted_row_ranks_first_through_ann(setup):
     index.add(vectors)
     shard = Shard(index, vectors, cells)
     out = shard.search(inputs.mean(0), outputs.mean(0), ds_scores, k=20, top=5)
-    assert out["hits"]["row_key"].iloc[0] == "ds1/default/train/7"
+    assert out["row_key"][0] == "ds1/default/train/7"
     assert not out["complete"] and out["candidates"] < 300
 
 
-def test_dataset_bound_finds_rows_the_global_candidates_miss(setup):
+@pytest.mark.parametrize("dense_cells", [0, 20_000], ids=["restricted-ann", "dense"])
+def test_dataset_bound_finds_rows_the_global_candidates_miss(setup, monkeypatch, dense_cells):
     """With a tiny k the global ANN candidates miss top rows of the high-dataset-score
-    datasets; the per-dataset bound and restricted searches recover the exact top rows."""
+    datasets; the per-dataset bound and the refinement (FAISS searches restricted to the open
+    datasets' cells, or scoring small datasets in full) recover the exact top rows."""
+    monkeypatch.setattr("rebase_ray.retrieve.shard.DENSE_CELLS", dense_cells)
     cells, vectors, inputs, outputs, _, _, _ = setup
     ds_scores = {"ds0": 0.9, "ds1": 0.0, "ds2": -0.9}  # far apart: ds0 rows dominate
     shard = Shard(flat(vectors), vectors, cells)
     args = (inputs.mean(0), outputs.mean(0), ds_scores)
-    exact = shard.search(*args, k=len(vectors), top=15)["hits"]
+    exact = shard.search(*args, k=len(vectors), top=15)
     small = shard.search(*args, k=3, top=15)
     global_only = Shard(flat(vectors), vectors, cells)
     _, ids = global_only.index.search(np.stack(args[:2]), 3)
     assert not set(exact["row_key"]) <= set(global_only.rows.row_key[
         global_only.rows.rows_of(ids.ravel())])  # the plain top-k would miss some
-    assert small["hits"]["row_key"].tolist() == exact["row_key"].tolist()
-    np.testing.assert_allclose(small["hits"]["score"], exact["score"], atol=1e-6)
+    assert small["row_key"].tolist() == exact["row_key"].tolist()
+    np.testing.assert_allclose(small["score"], exact["score"], atol=1e-6)
+    # a first pass without refinement misses them, and its bound says so
+    plain = shard.search(*args, k=3, top=15, refine_above=None)
+    assert plain["row_key"].tolist() != exact["row_key"].tolist()
+    assert plain["bound"] > exact["score"][-1] and not plain["complete"]
 
 
 def test_many_shards_rank_like_one(setup):
     cells, vectors, inputs, outputs, _, _, ds_scores = setup
     one = Shard(flat(vectors), vectors, cells).search(
-        inputs.mean(0), outputs.mean(0), ds_scores, k=100, top=40)["hits"]
+        inputs.mean(0), outputs.mean(0), ds_scores, k=100, top=40)
     row_idx = cells["row_idx"].to_numpy()
     parts = []
     for s in range(4):
         mask = row_idx % 4 == s  # a row's cells stay together
         sub = Shard(flat(vectors[mask]), vectors[mask], cells.filter(pa.array(mask)))
-        parts.append(sub.search(inputs.mean(0), outputs.mean(0), ds_scores, k=100, top=40)["hits"])
-    import pandas as pd
-
-    merged = pd.concat(parts, ignore_index=True)
-    merged = merged.iloc[rank_order(merged["score"].to_numpy(), merged["row_key"].to_numpy())]
-    assert merged["row_key"].tolist()[:40] == one["row_key"].tolist()
-    np.testing.assert_allclose(merged["score"].to_numpy()[:40], one["score"].to_numpy(), atol=1e-6)
+        parts.append(sub.search(inputs.mean(0), outputs.mean(0), ds_scores, k=100, top=40))
+    keys = np.concatenate([p["row_key"] for p in parts])
+    scores = np.concatenate([p["score"] for p in parts])
+    order = rank_order(scores, keys)
+    assert keys[order][:40].tolist() == one["row_key"].tolist()
+    np.testing.assert_allclose(scores[order][:40], one["score"], atol=1e-6)
 
 
 def test_excluded_datasets_and_cap(setup):
@@ -148,9 +155,10 @@ def test_excluded_datasets_and_cap(setup):
     shard = Shard(flat(vectors), vectors, cells)
     out = shard.search(inputs.mean(0), outputs.mean(0), ds_scores, k=len(vectors), top=30,
                        exclude=["ds0"], cap=4)
-    assert "ds0" not in set(out["hits"]["dataset"])
-    assert out["hits"]["dataset"].value_counts().max() == 4 and len(out["hits"]) == 8
-    assert set(out["excluded"]["dataset"]) == {"ds0"} and len(out["excluded"]) == 30
+    assert "ds0" not in set(out["dataset"])
+    _, counts = np.unique(out["dataset"], return_counts=True)
+    assert counts.max() == 4 and len(out["rows"]) == 8
+    assert set(out["excluded"]["dataset"]) == {"ds0"} and len(out["excluded"]["score"]) == 30
 
 
 def test_cap_and_diversity_helpers():
@@ -167,3 +175,18 @@ def test_shard_rejects_mismatched_files(setup):
     cells, vectors, *_ = setup
     with pytest.raises(ValueError, match="shard mismatch"):
         Shard(flat(vectors[:-1]), vectors, cells)
+
+
+def test_rows_that_cannot_make_the_top_are_not_rescored(setup):
+    """Bounds from the similarities the search returns leave most candidate rows unscored,
+    and the top rows are still the exact ones."""
+    cells, vectors, inputs, outputs, _, _, ds_scores = setup
+    shard = Shard(flat(vectors), vectors, cells)
+    args = (inputs.mean(0), outputs.mean(0), ds_scores)
+    exact = shard.search(*args, k=len(vectors), top=5)
+    _, ids = shard.index.search(np.stack(args[:2]).astype(np.float32), 120)
+    found = len(shard.rows.rows_of(ids.ravel()))
+    pruned = shard.search(*args, k=120, top=5)
+    assert pruned["candidates"] < found
+    assert pruned["row_key"].tolist() == exact["row_key"].tolist()
+    np.testing.assert_allclose(pruned["score"], exact["score"], atol=1e-6)

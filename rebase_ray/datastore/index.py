@@ -70,7 +70,11 @@ def apply_params(index, params: str):
     import faiss
 
     if params:
-        faiss.ParameterSpace().set_index_parameters(index, params)
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as exc:
+            raise ValueError(f"FAISS search params {params!r} do not apply to this "
+                             f"{type(index).__name__}: {exc}") from None
     return index
 
 

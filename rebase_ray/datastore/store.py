@@ -3,13 +3,22 @@
 Every file of a shard is checked against the sha256 in the manifest before the shard is read
 (a tampered or truncated file raises ChecksumError). Local indexes and vectors are memory-
 mapped; a datastore on S3 is downloaded shard by shard into a local cache folder first.
+
+Hashing a 1M-cell datastore reads about 3 GB, and every shard actor, retrieve stage and
+endpoint replica opens it again, so a file's hash is remembered (in the local cache folder)
+with its size, inode, mtime and ctime: while those are unchanged the file is not re-read.
+Any write or `touch` changes the ctime, so a modified file is hashed again. `verify="full"`
+re-hashes every file on every open.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -21,23 +30,25 @@ from rebase_ray.datastore.index import read_index
 from rebase_ray.models import cache_dir
 from rebase_ray.storage import ChecksumError, Storage, StorageError, open_storage
 
+Verify = Literal["cached", "full"]
+
 
 class Datastore:
-    def __init__(self, st: Storage, uri: str, manifest: dict):
-        self.st, self.uri, self.manifest = st, uri, manifest
+    def __init__(self, st: Storage, uri: str, manifest: dict, verify: Verify = "cached"):
+        self.st, self.uri, self.manifest, self.verify = st, uri, manifest, verify
         self._verified: set[str] = set()
         self._model = None
         self._local = None if st.scheme == "file" else (
             cache_dir() / "datastores" / hashlib.sha256(uri.encode()).hexdigest()[:16])
 
     @classmethod
-    def open(cls, uri: str, s3: S3Config | None = None) -> Datastore:
+    def open(cls, uri: str, s3: S3Config | None = None, verify: Verify = "cached") -> Datastore:
         st, uri = open_storage(uri, s3)
         manifest = st.read_manifest(uri)
         if manifest is None:
             raise StorageError(f"{uri} is not a datastore (no manifest.json); build it with "
                                "`rebase-ray index`")
-        return cls(st, uri, manifest)
+        return cls(st, uri, manifest, verify)
 
     # -- manifest -------------------------------------------------------------------------
 
@@ -64,14 +75,23 @@ class Datastore:
         rel = f"shards/{shard['name']}/{name}"
         if self._local is None:
             if shard["name"] not in self._verified:
-                self.st.verify(self.uri, {"files": shard["files"]})
+                for rel_file, entry in shard["files"].items():
+                    path = Path(self.st.path(self.st.join(self.uri, *rel_file.split("/"))))
+                    if not path.exists():
+                        raise ChecksumError(f"{path} is listed in its manifest but missing")
+                    actual = file_sha256(path, trust_cache=self.verify == "cached")
+                    if actual != entry["sha256"]:
+                        raise ChecksumError(
+                            f"{path} was modified: sha256 {actual[:12]}… does not match the "
+                            f"manifest's {entry['sha256'][:12]}…; rebuild it (--force) or "
+                            "restore the file")
                 self._verified.add(shard["name"])
             return self.st.path(self.st.join(self.uri, *rel.split("/")))
         return self._download(rel, shard["files"][rel]["sha256"])
 
     def _download(self, rel: str, sha256: str) -> str:
         local = Path(self._local, *rel.split("/"))
-        if local.exists() and _sha256_file(local) == sha256:
+        if local.exists() and file_sha256(local, self.verify == "cached") == sha256:
             return str(local)
         data = self.st.read_bytes(self.st.join(self.uri, *rel.split("/")))
         actual = hashlib.sha256(data).hexdigest()
@@ -85,10 +105,12 @@ class Datastore:
         tmp.replace(local)
         return str(local)
 
-    def load_index(self, i: int):
-        """Shard i's FAISS index (memory-mapped where FAISS allows), search params applied."""
+    def load_index(self, i: int, search_params: str | None = None):
+        """Shard i's FAISS index (memory-mapped where FAISS allows) with the manifest's search
+        params, or `search_params` (a FAISS ParameterSpace string such as "nprobe=8")."""
         shard = self.manifest["shards"][i]
-        return read_index(self._path(i, "index.faiss"), shard.get("search_params", ""))
+        params = shard.get("search_params", "") if search_params is None else search_params
+        return read_index(self._path(i, "index.faiss"), params)
 
     def load_cells(self, i: int) -> pa.Table:
         """Shard i's cells; row j is FAISS id j."""
@@ -118,9 +140,27 @@ class Datastore:
         return encode(self._model, list(texts), 64)
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path, trust_cache: bool = True) -> str:
+    """The sha256 of a local file, read from the hash cache while the file's size, inode,
+    mtime and ctime are the ones recorded with it (else computed and recorded)."""
+    st = path.stat()
+    stamp = [str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    record = cache_dir() / "hashes" / (hashlib.sha256(stamp[0].encode()).hexdigest()[:32]
+                                       + ".json")
+    if trust_cache and record.exists():
+        try:
+            cached = json.loads(record.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if cached.get("stamp") == stamp:
+            return cached["sha256"]
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+    tmp.replace(record)
+    return digest

@@ -24,9 +24,23 @@ class Query:
 def build_query(embed: Callable[[list[str]], np.ndarray], instruction: str,
                 inputs: list[str], outputs: list[str]) -> Query:
     """Embed instruction + examples in one call and reduce them to the three query vectors."""
-    if not inputs or len(inputs) != len(outputs):
-        raise ValueError("a query needs at least one example, each with an input and an output")
-    vecs = np.asarray(embed([instruction, *inputs, *outputs]), dtype=np.float32)
-    k = len(inputs)
-    return Query(instruction=vecs[0], inputs=vecs[1:1 + k].mean(axis=0),
-                 outputs=vecs[1 + k:].mean(axis=0))
+    return build_queries(embed, [(instruction, inputs, outputs)])[0]
+
+
+def build_queries(embed: Callable[[list[str]], np.ndarray],
+                  tasks: list[tuple[str, list[str], list[str]]]) -> list[Query]:
+    """`build_query` for many (instruction, inputs, outputs), embedded in one batch."""
+    for _, inputs, outputs in tasks:
+        if not inputs or len(inputs) != len(outputs):
+            raise ValueError("a query needs at least one example, each with an input and an "
+                             "output")
+    texts = [t for instruction, inputs, outputs in tasks for t in (instruction, *inputs, *outputs)]
+    vecs = np.asarray(embed(texts), dtype=np.float32) if texts else np.zeros((0, 0), np.float32)
+    queries, at = [], 0
+    for _, inputs, _ in tasks:
+        k = len(inputs)
+        v = vecs[at:at + 1 + 2 * k]
+        queries.append(Query(instruction=v[0], inputs=v[1:1 + k].mean(axis=0),
+                             outputs=v[1 + k:].mean(axis=0)))
+        at += 1 + 2 * k
+    return queries

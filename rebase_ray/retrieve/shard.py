@@ -4,8 +4,10 @@
 cells grouped by row. `search` asks the index for the `k` nearest cells to the mean few-shot
 input vector and the `k` nearest to the mean output vector; every row owning one of those
 cells is a candidate and is rescored exactly from all of its cell vectors, so the scores it
-reports are true cosines whatever the index type. `ShardActor` is the same thing as a Ray
-actor: it loads its shard once and serves searches from then on.
+reports are true cosines whatever the index type. `search` returns scores as arrays only;
+`frame` builds the hits (row text as JSON) for the few rows the caller finally keeps.
+`ShardActor` is the same thing as a Ray actor: it loads its shard once and serves batches
+of searches from then on.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections.abc import Collection
 from itertools import pairwise
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -23,9 +24,12 @@ import ray
 from rebase_ray.config import S3Config
 from rebase_ray.retrieve.scoring import RowIndex, RowScores, cap_per_group, rank_order, score_rows
 
-REFINE_ROUNDS = 4  # dataset-restricted searches while a dataset's bound beats the cut
+REFINE_ROUNDS = 4  # restricted searches while some dataset's bound beats the cut
+DENSE_CELLS = 20_000  # a dataset with at most this many cells in the shard is scored in full
 HIT_COLUMNS = ["row_key", "dataset", "config", "split", "row_idx", "score", "input_score",
                "output_score", "dataset_score", "best_input_column", "best_output_column", "row"]
+SCORE_FIELDS = ("rows", "score", "input_score", "output_score", "dataset_score",
+                "best_input_cell", "best_output_cell")
 
 
 class Shard:
@@ -45,10 +49,18 @@ class Shard:
         self.row_config = np.asarray(cells["config"].take(first).to_pylist(), dtype=object)
         self.row_split = np.asarray(cells["split"].take(first).to_pylist(), dtype=object)
         self.row_idx = cells["row_idx"].take(first).to_numpy()
-        self._cells_by_dataset: dict[int, np.ndarray] = {}
+        cell_dataset = self.row_dataset[self.rows.row_of_cell]
+        self.dataset_cells = np.bincount(cell_dataset, minlength=len(self.dataset_names))
+        self._cell_dataset = cell_dataset
+        self._dataset_rows = [np.flatnonzero(self.row_dataset == d)
+                              for d in range(len(self.dataset_names))]
         import faiss
 
         self._ivf = faiss.try_extract_index_ivf(index)
+        # Flat-coded indexes return exact inner products for the cells they find
+        base = self._ivf if self._ivf is not None else getattr(index, "storage", index)
+        self._exact_sims = isinstance(faiss.downcast_index(base), (
+            faiss.IndexFlat, faiss.IndexIVFFlat))
 
     @property
     def num_cells(self) -> int:
@@ -61,47 +73,53 @@ class Shard:
     def search(self, q_inputs: np.ndarray, q_outputs: np.ndarray,
                dataset_scores: dict[str, float], k: int, top: int,
                exclude: Collection[str] = (), cap: int | None = None,
-               with_vectors: bool = False) -> dict:
-        """The shard's `top` rows by exact ReBase score among the candidates.
+               refine_above: float | None = -np.inf) -> dict:
+        """The shard's `top` rows by exact ReBase score among the candidates, as arrays
+        (SCORE_FIELDS, plus row_key and dataset); `frame` turns chosen rows into hits.
 
         Candidates: rows owning one of the `k` nearest cells to either query vector. A row
         that is not a candidate scores at most (τ_in + τ_out + dataset score) / 3, τ being the
-        k-th similarity found; while that bound beats the current top-th score for some
-        dataset, that dataset alone is searched (a FAISS ID selector over its cells) with
-        growing k. So the top rows are exact up to the ANN's own recall.
+        k-th similarity found. While that bound beats both the shard's top-th score and
+        `refine_above` for some dataset, those datasets are searched again: in full when they
+        are small (DENSE_CELLS), else by one FAISS search restricted to their cells with twice
+        the k. So the rows above the cut are exact up to the ANN's own recall. `refine_above`
+        None skips refinement (a first, cheap pass whose `bound` tells the caller whether
+        this shard may still hold better rows than the ones found).
 
         Rows of `exclude`d datasets are never returned as hits; those that would have ranked
         in the top are returned separately (`excluded`) so that the caller can report them.
-        `cap` keeps at most that many rows per dataset. `with_vectors` adds each hit's best
-        input cell vector (for a diversity re-rank)."""
+        `cap` keeps at most that many rows per dataset."""
         k = min(k, self.num_cells)
         queries = np.ascontiguousarray(np.stack([q_inputs, q_outputs]), dtype=np.float32)
         sims, ids = self.index.search(queries, k)
         ds_by_code = np.array([dataset_scores.get(n, 0.0) for n in self.dataset_names],
                               dtype=np.float32)
         excluded_code = np.isin(self.dataset_names, list(exclude))
-        # per dataset: the k-th similarity to each query so far, and the k to ask for next
+        # per dataset: the bound on the similarity of its cells not found, to each query
         floor = np.tile(self._kth(sims, k, self.num_cells), (len(self.dataset_names), 1))
-        next_k = np.full(len(self.dataset_names), 2 * k)
-        s = score_rows(self.rows, self.vectors, self.rows.rows_of(ids.ravel()), q_inputs,
-                       q_outputs)
-        for _ in range(REFINE_ROUNDS):
+        candidates = self._prune(sims, ids, floor[0], ds_by_code, excluded_code, top, cap)
+        s = score_rows(self.rows, self.vectors, candidates, q_inputs, q_outputs)
+        next_k = 2 * k
+        for _ in range(REFINE_ROUNDS if refine_above is not None else 0):
             score = (s.input_score + s.output_score + ds_by_code[self.row_dataset[s.rows]]) / 3
             kept = np.sort(score[~excluded_code[self.row_dataset[s.rows]]])[::-1]
-            cutoff = kept[top - 1] if len(kept) >= top else -np.inf
+            cutoff = max(kept[top - 1] if len(kept) >= top else -np.inf, refine_above)
             bound = (floor.sum(axis=1) + ds_by_code) / 3
-            open_ = np.flatnonzero((bound > cutoff) & ~excluded_code & np.isfinite(bound))
-            if len(open_) == 0:
+            open_ = (bound > cutoff) & ~excluded_code & np.isfinite(bound)
+            if not open_.any():
                 break
-            new = []
-            for d in open_:
-                ids_d, size = self._dataset_cells(d)
-                kd = min(int(next_k[d]), size)
-                sims, ids = self.index.search(queries, kd, params=self._selector(ids_d))
-                floor[d] = self._kth(sims, kd, size)
-                next_k[d] *= 2
-                new.append(ids.ravel())
-            rows = np.setdiff1d(self.rows.rows_of(np.concatenate(new)), s.rows)
+            dense = open_ & (self.dataset_cells <= DENSE_CELLS)
+            new = [self._dataset_rows[d] for d in np.flatnonzero(dense)]
+            floor[dense] = -np.inf
+            ann = open_ & ~dense
+            if ann.any():
+                size = int(self.dataset_cells[ann].sum())
+                kd = min(next_k, size)
+                sims, ids = self.index.search(queries, kd, params=self._selector(ann))
+                floor[ann] = self._kth(sims, kd, size)
+                new.append(self.rows.rows_of(ids.ravel()))
+                next_k *= 2
+            rows = np.setdiff1d(np.concatenate(new), s.rows)
             s = _concat(s, score_rows(self.rows, self.vectors, rows, q_inputs, q_outputs))
         rows = s.rows
         ds = ds_by_code[self.row_dataset[rows]]
@@ -111,19 +129,53 @@ class Shard:
         keep = order[~excluded[order]]
         keep = keep[cap_per_group(self.row_dataset[rows[keep]], cap)][:top]
         dropped = order[excluded[order]][:top]
-        hits = self._frame(rows[keep], score[keep], s.input_score[keep], s.output_score[keep],
-                           ds[keep], s.best_input_cell[keep], s.best_output_cell[keep])
-        if with_vectors:
-            hits["vector"] = list(np.asarray(self.vectors[s.best_input_cell[keep]]))
+        bound = (floor.sum(axis=1) + ds_by_code) / 3
+        bound = bound[~excluded_code & np.isfinite(bound)]
         return {
-            "hits": hits,
-            "excluded": pd.DataFrame({
-                "row_key": self.rows.row_key[rows[dropped]],
-                "dataset": self.dataset_names[self.row_dataset[rows[dropped]]],
-                "score": score[dropped]}),
+            "rows": rows[keep], "score": score[keep], "input_score": s.input_score[keep],
+            "output_score": s.output_score[keep], "dataset_score": ds[keep],
+            "best_input_cell": s.best_input_cell[keep],
+            "best_output_cell": s.best_output_cell[keep],
+            "row_key": self.rows.row_key[rows[keep]],
+            "dataset": self.dataset_names[self.row_dataset[rows[keep]]],
+            "excluded": {"row_key": self.rows.row_key[rows[dropped]],
+                         "dataset": self.dataset_names[self.row_dataset[rows[dropped]]],
+                         "score": score[dropped]},
+            "bound": float(bound.max()) if len(bound) else -np.inf,  # best unfound row
             "candidates": len(rows),
-            "complete": k == self.num_cells,  # every row was a candidate
+            "complete": len(bound) == 0,  # every row that could be a hit was scored
         }
+
+    def _prune(self, sims: np.ndarray, ids: np.ndarray, tau: np.ndarray,
+               ds_by_code: np.ndarray, excluded_code: np.ndarray, top: int,
+               cap: int | None) -> np.ndarray:
+        """The candidate rows worth scoring exactly. The search already gives the similarity
+        of the cells it found (exact for Flat-coded indexes, close otherwise), so a candidate
+        row's score lies between (found in + found out + ds) / 3, a missing side counting as
+        -1, and the same with each side raised to at least τ, the k-th similarity found (its
+        other cells were not found, so they are below τ). Rows whose upper bound is below
+        the top-th lower bound cannot make the top and are left out. No pruning with a
+        per-dataset cap, or when the index is not Flat-coded (its similarities are
+        estimates)."""
+        found = ids >= 0
+        rows = self.rows.rows_of(ids.ravel())
+        if cap is not None or not self._exact_sims or len(rows) <= top:
+            return rows
+        best = np.full((2, len(rows)), -1.0, dtype=np.float32)
+        for j in range(2):
+            pos = np.searchsorted(rows, self.rows.row_of_cell[ids[j][found[j]]])
+            np.maximum.at(best[j], pos, sims[j][found[j]])
+        ds = ds_by_code[self.row_dataset[rows]]
+        lower = (best[0] + best[1] + ds) / 3
+        upper = (np.maximum(best[0], tau[0]) + np.maximum(best[1], tau[1]) + ds) / 3
+        excluded = excluded_code[self.row_dataset[rows]]
+        keep = np.ones(len(rows), dtype=bool)
+        for members in (~excluded, excluded):  # the hits, and the excluded rows reported
+            lo = lower[members]
+            if len(lo) > top:
+                cut = np.partition(lo, len(lo) - top)[len(lo) - top]
+                keep[members] = upper[members] >= cut
+        return rows[keep]
 
     @staticmethod
     def _kth(sims: np.ndarray, k: int, size: int) -> np.ndarray:
@@ -133,53 +185,51 @@ class Shard:
             return np.full(2, -np.inf, np.float32)
         return np.maximum(sims[:, k - 1], -1.0)  # FAISS pads missing results with -FLT_MAX
 
-    def _dataset_cells(self, code: int) -> tuple[np.ndarray, int]:
-        if code not in self._cells_by_dataset:
-            cell_codes = self.row_dataset[self.rows.row_of_cell]
-            self._cells_by_dataset[code] = np.flatnonzero(cell_codes == code)
-        ids = self._cells_by_dataset[code]
-        return ids, len(ids)
-
-    def _selector(self, ids: np.ndarray):
-        """FAISS search parameters restricting a search to `ids` (a range when contiguous,
-        which it is in the datastore's (dataset, row, column) order)."""
+    def _selector(self, datasets: np.ndarray):
+        """FAISS search parameters restricting a search to the cells of `datasets` (a mask
+        over the shard's dataset codes), as a bitmap over the shard's cell ids."""
         import faiss
 
-        if ids[-1] - ids[0] + 1 == len(ids):
-            sel = faiss.IDSelectorRange(int(ids[0]), int(ids[-1]) + 1)
-        else:
-            sel = faiss.IDSelectorBatch(ids.astype(np.int64))
+        bitmap = np.packbits(datasets[self._cell_dataset], bitorder="little")
+        sel = faiss.IDSelectorBitmap(self.num_cells, faiss.swig_ptr(bitmap))
         if self._ivf is not None:
             params = faiss.SearchParametersIVF(sel=sel, nprobe=self._ivf.nprobe)
         elif hasattr(self.index, "hnsw"):
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=self.index.hnsw.efSearch)
         else:
             params = faiss.SearchParameters(sel=sel)
-        params.keep_selector = sel  # the Python object must outlive the search
+        params.keep_alive = (sel, bitmap)  # the Python objects must outlive the search
         return params
 
-    def _frame(self, rows, score, input_score, output_score, dataset_score,
-               best_in, best_out) -> pd.DataFrame:
+    def frame(self, found: dict, with_vectors: bool = False) -> dict[str, list]:
+        """Hits (HIT_COLUMNS, as lists) for rows chosen from `search` results (its
+        SCORE_FIELDS arrays, any subset of its rows): locations, scores, best columns and the
+        row as JSON. `with_vectors` adds each row's best input cell vector (for a diversity
+        re-rank)."""
+        rows = np.asarray(found["rows"], dtype=np.int64)
         cell_ids, run_starts = self.rows.cells_of(rows)
         columns = self.columns.take(pa.array(cell_ids)).to_pylist()
         values = self.values.take(pa.array(cell_ids)).to_pylist()
         bounds = np.append(run_starts, len(cell_ids))
-        row_json = [json.dumps(dict(zip(columns[a:b], values[a:b])), ensure_ascii=False)
-                    for a, b in pairwise(bounds)]
-        return pd.DataFrame({
-            "row_key": self.rows.row_key[rows],
-            "dataset": self.dataset_names[self.row_dataset[rows]],
-            "config": self.row_config[rows],
-            "split": self.row_split[rows],
-            "row_idx": self.row_idx[rows].astype(np.int64),
-            "score": score.astype(np.float32),
-            "input_score": input_score.astype(np.float32),
-            "output_score": output_score.astype(np.float32),
-            "dataset_score": dataset_score.astype(np.float32),
-            "best_input_column": self.columns.take(pa.array(best_in)).to_pylist(),
-            "best_output_column": self.columns.take(pa.array(best_out)).to_pylist(),
-            "row": row_json,
-        }, columns=HIT_COLUMNS)
+        best = self.columns.take(pa.array(np.concatenate([
+            found["best_input_cell"], found["best_output_cell"]]).astype(np.int64))).to_pylist()
+        out = {
+            "row_key": self.rows.row_key[rows].tolist(),
+            "dataset": self.dataset_names[self.row_dataset[rows]].tolist(),
+            "config": self.row_config[rows].tolist(),
+            "split": self.row_split[rows].tolist(),
+            "row_idx": self.row_idx[rows].tolist(),
+            **{f: np.asarray(found[f], dtype=np.float32).tolist()
+               for f in ("score", "input_score", "output_score", "dataset_score")},
+            "best_input_column": best[:len(rows)],
+            "best_output_column": best[len(rows):],
+            "row": [json.dumps(dict(zip(columns[a:b], values[a:b])), ensure_ascii=False)
+                    for a, b in pairwise(bounds)],
+        }
+        if with_vectors:
+            out["vector"] = list(np.asarray(self.vectors[np.asarray(
+                found["best_input_cell"], dtype=np.int64)]))
+        return out
 
 
 def _concat(a: RowScores, b: RowScores) -> RowScores:
@@ -190,20 +240,25 @@ def _concat(a: RowScores, b: RowScores) -> RowScores:
 
 @ray.remote
 class ShardActor:
-    """A `Shard` loaded once (index and vectors memory-mapped) inside a Ray actor."""
+    """A `Shard` loaded once (index and vectors memory-mapped) inside a Ray actor. Its calls
+    take a list of requests, so that one round trip serves a batch of queries."""
 
-    def __init__(self, datastore: str, shard: int, s3: S3Config | None = None):
+    def __init__(self, datastore: str, shard: int, s3: S3Config | None = None,
+                 verify: str = "cached", search_params: str | None = None):
         import faiss
 
         from rebase_ray.datastore import Datastore
 
         faiss.omp_set_num_threads(1)  # two queries per search: threads only add overhead
-        store = Datastore.open(datastore, s3)
-        self.shard = Shard(store.load_index(shard), store.load_vectors(shard),
+        store = Datastore.open(datastore, s3, verify=verify)
+        self.shard = Shard(store.load_index(shard, search_params), store.load_vectors(shard),
                            store.load_cells(shard))
 
     def info(self) -> dict:
         return self.shard.info()
 
-    def search(self, *args, **kwargs) -> dict:
-        return self.shard.search(*args, **kwargs)
+    def search(self, requests: list[dict]) -> list[dict]:
+        return [self.shard.search(**r) for r in requests]
+
+    def frame(self, requests: list[tuple[dict, bool]]) -> list[dict[str, list]]:
+        return [self.shard.frame(found, with_vectors) for found, with_vectors in requests]

@@ -8,6 +8,10 @@ with the teacher at `/`):
      dataset_score, best_input_column, best_output_column, row}], "candidates": int}
 - GET /healthz (no auth) → datastore size.
 Auth, size limit and errors come from `serve.http` (401 / 400 / 413, JSON errors).
+
+Concurrent requests are merged by `@serve.batch` (max batch size and wait from
+`RetrieveConfig`): their texts are embedded in one call and their searches share the round
+trips to the shard actors (`Retriever.search_many`).
 """
 
 import asyncio
@@ -22,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from rebase_ray.config import RetrieveConfig, S3Config
-from rebase_ray.retrieve.retriever import Retriever
+from rebase_ray.retrieve.retriever import Retrieval, Retriever
 from rebase_ray.serve.http import (
     Guard,
     base_url,
@@ -60,6 +64,8 @@ class RetrieverServer:
         self.cfg = RetrieveConfig.model_validate(cfg)
         self.retriever = Retriever(datastore, self.cfg, S3Config.model_validate(s3 or {}))
         self.retriever.store.embed(["warm up"])  # load the embedder now, not on a request
+        self.search_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.search_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.guard = Guard(api_key, self.cfg.serve.max_request_bytes)
         self.datastore = datastore
 
@@ -72,9 +78,8 @@ class RetrieverServer:
     async def retrieve(self, request: Request) -> dict[str, Any]:
         self.guard.check_auth(request)
         req = await self.guard.read_json(request, RetrieveRequest)
-        top_n = min(req.top_n, self.cfg.top_n)
         start = time.perf_counter()
-        result = await asyncio.to_thread(self._search, req, top_n)
+        result = await self.search_batch(req)
         hits = result.hits.drop(columns=["config", "split", "row_idx"])
         rows = hits.to_dict(orient="records")
         for r in rows:
@@ -82,11 +87,28 @@ class RetrieverServer:
         return {"rows": rows, "candidates": result.candidates,
                 "took_ms": round(1000 * (time.perf_counter() - start), 2)}
 
-    def _search(self, req: RetrieveRequest, top_n: int):
-        query = self.retriever.query(req.instruction, [e.input for e in req.examples],
-                                     [e.output for e in req.examples])
-        exclude = {d: "excluded by the request" for d in req.exclude_datasets}
-        return self.retriever.search(query, top_n, exclude)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def search_batch(self, reqs: list[RetrieveRequest]) -> list[Retrieval]:
+        return await asyncio.to_thread(self._search, reqs)
+
+    def _search(self, reqs: list[RetrieveRequest]) -> list[Retrieval]:
+        """One embedding call for the batch, then one `search_many` per distinct
+        (top_n, exclude_datasets) among its requests."""
+        queries = self.retriever.queries([
+            (r.instruction, [e.input for e in r.examples], [e.output for e in r.examples])
+            for r in reqs])
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            key = (min(r.top_n, self.cfg.top_n), tuple(sorted(r.exclude_datasets)))
+            groups.setdefault(key, []).append(i)
+        results: list[Retrieval | None] = [None] * len(reqs)
+        for (top_n, exclude), members in groups.items():
+            found = self.retriever.search_many(
+                [queries[i] for i in members], top_n,
+                {d: "excluded by the request" for d in exclude})
+            for i, r in zip(members, found):
+                results[i] = r
+        return results
 
 
 def deployment_options(cfg: RetrieveConfig) -> dict[str, Any]:
