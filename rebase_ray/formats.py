@@ -12,7 +12,8 @@ import re
 
 ANSWER_PREFIX = "Answer:"
 _ANSWER_LINE = re.compile(r"(?im)^\s*(?:final\s+)?answer\s*:\s*")
-_ANSWER_IS = re.compile(r"(?i)\b(?:so\s+)?the\s+(?:final\s+)?answer\s+is\s*:?\s*")
+_ANSWER_IS = re.compile(
+    r"(?i)\b(?:so\s+)?the\s+(?:final\s+|correct\s+|right\s+)?answer\s+is\s*:?\s*")
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n?(.*?)```", re.DOTALL)
 
 
@@ -33,7 +34,8 @@ def split_answer(text: str) -> tuple[str, str]:
     """(rationale, final answer) from a model's text.
 
     Recognises, last occurrence first: a line starting with "Answer:" / "Final answer:", then
-    "... so the answer is X". Text with neither marker is all answer and no rationale.
+    "... so the (final / correct) answer is X". Text with neither marker is all answer and no
+    rationale.
     """
     text = (text or "").strip()
     lines = list(_ANSWER_LINE.finditer(text))
@@ -46,6 +48,25 @@ def split_answer(text: str) -> tuple[str, str]:
         answer = text[m.end():].strip().split("\n", 1)[0]
         return text[: m.start()].strip(), _clean(answer)
     return "", _clean(text)
+
+
+def checked_rationale(reply: str, gold: str, labels: list[str] | None) -> tuple[str, str]:
+    """(rationale, final answer) of a teacher's annotation of an example whose answer is
+    `gold`; the rationale is "" when the reply has none or its answer disagrees with `gold`.
+
+    A reply without an answer marker that puts the answer on its first line and the reasoning
+    after it ("C\n\nExplanation: ...") counts, the first line as the answer. Label answers
+    agree as the evaluation scores them (`accuracy_score`: the one label named, a choice
+    letter); other answers after text normalisation."""
+    from rebase_ray.evaluate.metrics import accuracy_score
+    from rebase_ray.text import normalize
+
+    rationale, answer = split_answer(reply)
+    if not rationale and "\n" in answer:
+        answer, rationale = (part.strip() for part in answer.split("\n", 1))
+    agrees = (accuracy_score(answer, gold, labels) == 1.0 if labels
+              else normalize(answer) == normalize(gold))
+    return (rationale if agrees else ""), answer
 
 
 def final_answer(text: str) -> str:

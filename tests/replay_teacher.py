@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from typing_extensions import Self
+
 
 class ReplayTeacher:
     """`answer(prompt_text) -> str | None`; None makes the server answer HTTP 500."""
@@ -59,7 +61,7 @@ class ReplayTeacher:
     def chat_requests(self) -> list[dict]:
         return [r for r in self.requests if "messages" in r]
 
-    def __enter__(self) -> ReplayTeacher:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

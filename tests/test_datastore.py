@@ -113,15 +113,18 @@ def test_interrupted_build_resumes_finished_shards(built, tmp_path):
     assert resumed["cells_embedded"] == 0 and resumed["cells"] == TOTAL_CELLS
 
 
-def test_tampered_index_is_refused_then_rebuilt(built, tmp_path):
-    sources, out, _ = built
-    out = _copy(out, tmp_path)
-    path = os.path.join(out, "shards", "shard-00000", "index.faiss")
+def flip_last_byte(path: str) -> None:
     with open(path, "r+b") as fh:
         fh.seek(-1, os.SEEK_END)
         last = fh.read(1)[0]
         fh.seek(-1, os.SEEK_END)
         fh.write(bytes([last ^ 0xFF]))
+
+
+def test_tampered_index_is_refused_then_rebuilt(built, tmp_path):
+    sources, out, _ = built
+    out = _copy(out, tmp_path)
+    flip_last_byte(os.path.join(out, "shards", "shard-00000", "index.faiss"))
     ds = Datastore.open(out)
     with pytest.raises(ChecksumError, match="shard-00000/index.faiss was modified"):
         ds.load_index(0)
@@ -154,12 +157,7 @@ def test_hashes_are_cached_until_the_file_changes(built, tmp_path, monkeypatch):
     assert reads == []
     Datastore.open(out, verify="full").load_index(0)
     assert len(reads) == 3  # index.faiss, cells.parquet, vectors.npy
-    path = os.path.join(out, "shards", "shard-00000", "vectors.npy")
-    with real_open(path, "r+b") as fh:
-        fh.seek(-1, os.SEEK_END)
-        last = fh.read(1)[0]
-        fh.seek(-1, os.SEEK_END)
-        fh.write(bytes([last ^ 0xFF]))
+    flip_last_byte(os.path.join(out, "shards", "shard-00000", "vectors.npy"))
     with pytest.raises(ChecksumError, match="shard-00000/vectors.npy was modified"):
         Datastore.open(out).load_vectors(0)
 

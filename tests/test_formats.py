@@ -1,4 +1,4 @@
-from rebase_ray.formats import extract_code, split_answer, student_target
+from rebase_ray.formats import checked_rationale, extract_code, split_answer, student_target
 
 
 def test_round_trip_with_rationale():
@@ -21,3 +21,26 @@ def test_code():
     text = "Here:\n```python\ndef f(x):\n    return x\n```\nDone."
     assert extract_code(text) == "def f(x):\n    return x"
     assert split_answer("Reasoning\nAnswer:\n```python\nprint(1)\n```") == ("Reasoning", "print(1)")
+
+
+LETTERS = ["A", "B", "C", "D"]
+
+
+def test_checked_rationale_on_real_teacher_replies():
+    """Replies SmolLM2 gave when asked for a rationale of a multiple-choice answer."""
+    reply = "C\n\nExplanation: Murder is a serious crime, as it involves the use of force."
+    assert checked_rationale(reply, "C", LETTERS) == (
+        "Explanation: Murder is a serious crime, as it involves the use of force.", "C")
+    # the last "answer is" wins: this one contradicts itself and ends on the wrong letter
+    reply = "The correct answer is A.\n\nStep-by-step explanation:\n\n1. The correct answer is D."
+    assert checked_rationale(reply, "A", LETTERS)[0] == ""
+    assert checked_rationale("A is the correct answer", "A", LETTERS) == (
+        "", "A is the correct answer")  # no reasoning at all
+    reply = "Cats are mammals and mammals breathe air.\nAnswer: B. they breathe air"
+    assert checked_rationale(reply, "B", LETTERS)[0] == "Cats are mammals and mammals breathe air."
+    assert checked_rationale(reply, "C", LETTERS)[0] == ""
+    # labels are matched as the evaluation matches them; free answers after normalisation
+    reply = "Both sentences say the man sleeps.\nAnswer: it is an entailment"
+    assert checked_rationale(reply, "entailment", ["entailment", "neutral"])[0]
+    assert checked_rationale("Paris is the capital.\nAnswer: paris.", "Paris", None)[0]
+    assert not checked_rationale("Paris is the capital.\nAnswer: Lyon", "Paris", None)[0]

@@ -21,7 +21,7 @@ def test_csv_with_templates_and_rejects(tmp_path):
 
 def test_jsonl_missing_field_and_stride(tmp_path):
     p = tmp_path / "eval.jsonl"
-    p.write_text("\n".join('{"q": "q%d", "a": "a%d"}' % (i, i) for i in range(10))
+    p.write_text("\n".join(f'{{"q": "q{i}", "a": "a{i}"}}' for i in range(10))
                  + '\n{"q": "no answer"}\n')
     es = load_eval_set(make_task(p, input="q", output="{a}"))
     assert len(es.records) == 10 and es.records[0]["domain"] == "t"

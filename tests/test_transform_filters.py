@@ -24,8 +24,8 @@ COT = TaskConfig(name="nli", instruction="Does the premise entail the hypothesis
 @pytest.mark.parametrize("reply", [
     '{"input": "Stocks fell sharply today.", "output": "business"}',
     '```json\n{"input": "Stocks fell sharply today.", "output": "business"}\n```',
-    'Sure! Here is the example:\n```\n{"input": "Stocks fell sharply today.", '
-    '"output": "business"}\n```\nI hope this helps.',
+    ('Sure! Here is the example:\n```\n{"input": "Stocks fell sharply today.", '
+     '"output": "business"}\n```\nI hope this helps.'),
     '{"input": "Stocks fell sharply today.", "output": "business"} Let me know if you need more.',
     "{'input': 'Stocks fell sharply today.', 'output': 'business'}",
     '{"input": "Stocks fell sharply today.", "output": "business",}',

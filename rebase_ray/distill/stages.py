@@ -41,7 +41,7 @@ from rebase_ray.config import (
 from rebase_ray.distill.domains import assign_domains, expected_domains, long_tail_stats
 from rebase_ray.distill.ifd import score_ifd
 from rebase_ray.distill.planner import stage_budgets, stage_quotas
-from rebase_ray.formats import split_answer, student_target
+from rebase_ray.formats import checked_rationale, split_answer, student_target
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
@@ -249,8 +249,9 @@ class Stage:
             return call
         call.update(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
         if job["kind"] == "annotate":
-            rationale, answer = split_answer(reply.text)
-            if not rationale or normalize(answer) != normalize(call["output"]):
+            rationale, answer = checked_rationale(reply.text, call["output"],
+                                                  self.run.task.labels)
+            if not rationale:
                 call.update(reason="rationale_disagrees", detail=f"answered {answer[:100]!r}")
             else:
                 call.update(status="kept", rationale=rationale)

@@ -97,7 +97,8 @@ class Shard:
         excluded_code = np.isin(self.dataset_names, list(exclude))
         # per dataset: the bound on the similarity of its cells not found, to each query
         floor = np.tile(self._kth(sims, k, self.num_cells), (len(self.dataset_names), 1))
-        candidates = self._prune(sims, ids, floor[0], ds_by_code, excluded_code, top, cap)
+        candidates, pruned = self._prune(sims, ids, floor[0], ds_by_code, excluded_code, top,
+                                         cap)
         s = score_rows(self.rows, self.vectors, candidates, q_inputs, q_outputs)
         next_k = 2 * k
         for _ in range(REFINE_ROUNDS if refine_above is not None else 0):
@@ -127,7 +128,8 @@ class Shard:
         order = rank_order(score, self.rows.row_key[rows])
         excluded = excluded_code[self.row_dataset[rows]]
         keep = order[~excluded[order]]
-        keep = keep[cap_per_group(self.row_dataset[rows[keep]], cap)][:top]
+        keep = keep[cap_per_group(self.row_dataset[rows[keep]], cap)]
+        cut_off, keep = len(keep) > top, keep[:top]
         dropped = order[excluded[order]][:top]
         bound = (floor.sum(axis=1) + ds_by_code) / 3
         bound = bound[~excluded_code & np.isfinite(bound)]
@@ -143,12 +145,13 @@ class Shard:
                          "score": score[dropped]},
             "bound": float(bound.max()) if len(bound) else -np.inf,  # best unfound row
             "candidates": len(rows),
-            "complete": len(bound) == 0,  # every row that could be a hit was scored
+            # every row that could be a hit was scored and returned
+            "complete": len(bound) == 0 and not pruned and not cut_off,
         }
 
     def _prune(self, sims: np.ndarray, ids: np.ndarray, tau: np.ndarray,
                ds_by_code: np.ndarray, excluded_code: np.ndarray, top: int,
-               cap: int | None) -> np.ndarray:
+               cap: int | None) -> tuple[np.ndarray, bool]:
         """The candidate rows worth scoring exactly. The search already gives the similarity
         of the cells it found (exact for Flat-coded indexes, close otherwise), so a candidate
         row's score lies between (found in + found out + ds) / 3, a missing side counting as
@@ -156,11 +159,11 @@ class Shard:
         other cells were not found, so they are below τ). Rows whose upper bound is below
         the top-th lower bound cannot make the top and are left out. No pruning with a
         per-dataset cap, or when the index is not Flat-coded (its similarities are
-        estimates)."""
+        estimates). Returns the rows and whether any was left out."""
         found = ids >= 0
         rows = self.rows.rows_of(ids.ravel())
         if cap is not None or not self._exact_sims or len(rows) <= top:
-            return rows
+            return rows, False
         best = np.full((2, len(rows)), -1.0, dtype=np.float32)
         for j in range(2):
             pos = np.searchsorted(rows, self.rows.row_of_cell[ids[j][found[j]]])
@@ -175,7 +178,7 @@ class Shard:
             if len(lo) > top:
                 cut = np.partition(lo, len(lo) - top)[len(lo) - top]
                 keep[members] = upper[members] >= cut
-        return rows[keep]
+        return rows[keep], not keep.all()
 
     @staticmethod
     def _kth(sims: np.ndarray, k: int, size: int) -> np.ndarray:

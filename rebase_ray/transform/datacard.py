@@ -15,10 +15,10 @@ def data_card(task: TaskConfig, summary: dict, examples: pd.DataFrame,
     lines = [
         f"# Generated data for task `{task.name}`", "",
         f"Task: {task.instruction}", "",
-        f"{counts['kept']} examples kept out of {counts['retrieved']} retrieved rows "
-        f"(yield {counts['yield']:.1%}), made by the ReBase transformation "
-        f"(prompt `{summary['prompt_version']}`) with teacher "
-        f"`{examples['teacher'].iloc[0] if len(examples) else 'n/a'}`.", "",
+        (f"{counts['kept']} examples kept out of {counts['retrieved']} retrieved rows "
+         f"(yield {counts['yield']:.1%}), made by the ReBase transformation "
+         f"(prompt `{summary['prompt_version']}`) with teacher "
+         f"`{examples['teacher'].iloc[0] if len(examples) else 'n/a'}`."), "",
         "## Sources", "",
         "| source | retrieved | kept | description | license |",
         "| --- | --- | --- | --- | --- |",
@@ -31,7 +31,7 @@ def data_card(task: TaskConfig, summary: dict, examples: pd.DataFrame,
     lines += ["", "## Rejected", "", "| reason | rows |", "| --- | --- |"]
     for reason, n in summary["rejects_by_reason"].items():
         lines.append(f"| {reason} | {n} |")
-    lines += ["", "Generated examples inherit the licenses and terms of the sources they were "
-              "made from. Check each source's license before publishing this data or a model "
-              "trained on it.", ""]
+    lines += ["", ("Generated examples inherit the licenses and terms of the sources they were "
+                   "made from. Check each source's license before publishing this data or a "
+                   "model trained on it."), ""]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rebase_ray.config import S3Config, SourceConfig, TaskConfig, TransformConfig
-from rebase_ray.formats import split_answer
+from rebase_ray.formats import checked_rationale
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
@@ -32,7 +32,7 @@ from rebase_ray.teacher.prompts import (
     rationale_messages,
     transformation_messages,
 )
-from rebase_ray.text import NgramIndex, normalize
+from rebase_ray.text import NgramIndex
 from rebase_ray.transform.datacard import data_card
 from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext, check, split_output
 from rebase_ray.transform.parse import ParseError, parse_example
@@ -129,8 +129,8 @@ class TeacherWorker:
                 continue
             r["prompt_tokens"] += reply.prompt_tokens
             r["completion_tokens"] += reply.completion_tokens
-            rationale, answer = split_answer(reply.text)
-            if normalize(answer) != normalize(r["output"]) or not rationale:
+            rationale, answer = checked_rationale(reply.text, r["output"], self.task.labels)
+            if not rationale:
                 r.update(status="rejected", reason="rationale_disagrees",
                          detail=f"rationale answered {answer[:100]!r}")
                 continue
