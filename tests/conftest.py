@@ -1,5 +1,5 @@
 """Shared fixtures: a real S3-compatible server (moto's standalone server) on 127.0.0.1,
-a local Ray cluster, and paths to the real data in ../shared/data (skipped when absent)."""
+and a local Ray cluster."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def free_port() -> int:
@@ -101,10 +100,3 @@ def serve_port(ray_cluster) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present (real-data tests need it)")
-    return SHARED_DATA
