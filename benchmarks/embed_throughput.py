@@ -4,7 +4,7 @@ calling sentence-transformers `encode`, on the same real cells (BIG-bench corpus
     .venv/bin/python benchmarks/embed_throughput.py [--cells 20000] [--quick]
 
 Prints cells/s for both and the ratio (goal ≥ 0.8x); writes benchmarks/results/
-embed_throughput.json. The Ray timing covers the whole pipeline run (actor start and model
+embed_throughput.json (`--quick`: embed_throughput_quick.json). The Ray timing covers the whole pipeline run (actor start and model
 load included, `ray.init` excluded); the baseline times `encode` alone. The vectors are cached
 for benchmarks/index_build.py.
 """
@@ -42,7 +42,8 @@ def real_cells(n: int, max_chars: int = 2000) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=20_000)
-    ap.add_argument("--quick", action="store_true", help="2,000 cells")
+    ap.add_argument("--quick", action="store_true",
+                    help="2,000 cells (results in embed_throughput_quick.json)")
     ap.add_argument("--batch-size", type=int, default=2048, help="rows per Ray Data batch")
     args = ap.parse_args()
     n = 2_000 if args.quick else args.cells
@@ -90,7 +91,8 @@ def main() -> None:
               "ray_cells_per_s": round(n / ray_s, 1), "ratio": round(ratio, 3),
               "batch_size": args.batch_size, "min_cosine_agreement": agree,
               "load_avg_1m": os.getloadavg()[0]}
-    (RESULTS / "embed_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "embed_throughput_quick.json" if args.quick else "embed_throughput.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
