@@ -4,9 +4,9 @@ calling sentence-transformers `encode`, on the same real cells (BIG-bench corpus
     .venv/bin/python benchmarks/embed_throughput.py [--cells 20000] [--quick]
 
 Prints cells/s for both and the ratio (goal ≥ 0.8x); writes benchmarks/results/
-embed_throughput.json (`--quick`: embed_throughput_quick.json). The Ray timing covers the whole pipeline run (actor start and model
-load included, `ray.init` excluded); the baseline times `encode` alone. The vectors are cached
-for benchmarks/index_build.py.
+embed_throughput.json (`--quick`: embed_throughput_quick.json). The Ray timing covers the
+whole pipeline run (actor start and model load included, `ray.init` excluded); the baseline
+times `encode` alone. The vectors are cached for benchmarks/index_build.py.
 """
 
 from __future__ import annotations
