@@ -158,6 +158,9 @@ def test_head_tail_switching_and_synthesis(replay_run):
     assert {d: r["role"] for d, r in one.items()} == {"a": "head", "b": "head", "c": "tail"}
     assert {d: r["role"] for d, r in two.items()} == {"a": "head", "b": "tail", "c": "tail"}
     assert all(r["quota"] == 2 for r in [*one.values(), *two.values()])
+    # the unused pool at the start of each stage
+    assert {d: r["pool_left"] for d, r in one.items()} == {"a": 8, "b": 3, "c": 1}
+    assert {d: r["pool_left"] for d, r in two.items()} == {"a": 6, "b": 1, "c": 0}
     # tail: the rest of the pool is annotated, synthesis fills the quota
     assert (two["b"]["selected"], two["b"]["synthesized"]) == (1, 1)
     assert (one["c"]["selected"], one["c"]["synthesized"]) == (1, 1)

@@ -113,10 +113,13 @@ class Stage:
         self.gathered, self.used, self.adapter = gathered, used, adapter
         self.timing: dict[str, float] = {}
 
+    def unused(self) -> pd.DataFrame:
+        """The pool's examples not given to the teacher in an earlier stage."""
+        return self.run.pool[~self.run.pool["example_id"].isin(self.used)]
+
     def roles(self) -> dict[str, tuple[str, pd.DataFrame]]:
         """{domain: (head | tail, its unused pool)} for the domains with a quota."""
-        pool = self.run.pool
-        unused = pool[~pool["example_id"].isin(self.used)]
+        unused = self.unused()
         out = {}
         for domain, q in self.quotas.items():
             if q <= 0:
@@ -432,7 +435,7 @@ def distill(task: TaskConfig, examples: str | pa.Table, out: str, cfg: DistillCo
         quotas = plan["quotas"][stage - 1]
         worker = Stage(run, stage, quotas, gathered, used, adapter)
         roles = worker.roles()
-        left = {d: len(frame) for d, (_, frame) in roles.items()}
+        left = {d: int(n) for d, n in worker.unused()["domain"].value_counts().items()}
         calls_uri = st.join(sdir, "calls.parquet")
         if st.exists(calls_uri):  # the teacher phase finished before an interruption
             calls = st.read_parquet(calls_uri).to_pandas()
