@@ -1,8 +1,10 @@
 """A datastore build over a slice of the whole BIG-bench package, with the projected time for
 all of it.
 
-    pip download --no-deps bigbench   # or fetch bigbench-1.0.0.tar.gz from PyPI, then untar
-    .venv/bin/python benchmarks/bigbench_build.py PACKAGE/bigbench/benchmark_tasks \
+    # the sdist from PyPI (`pip download` refuses it: it declares a file:// dependency)
+    curl -LO https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-1.0.0.tar.gz
+    tar xzf bigbench-1.0.0.tar.gz
+    .venv/bin/python benchmarks/bigbench_build.py bigbench-1.0.0/bigbench/benchmark_tasks \
         [--cells 200000] [--out DIR]
 
 Every task.json of the package (1,041 with subtasks) is one source, named after its path.
@@ -14,18 +16,22 @@ builds), on this machine's CPUs.
 
 The projection for the whole package scales this build's wall time by package cells / slice
 cells: an upper bound, since every file is already parsed in full here (the stride sample
-is taken from all its rows) and only the embedding and index work grow with the cells. Writes benchmarks/results/bigbench_build.json.
+is taken from all its rows) and only the embedding and index work grow with the cells.
+Writes benchmarks/results/bigbench_build.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from rebase_ray.config import IndexConfig, SourceConfig
 
@@ -83,11 +89,8 @@ def main() -> None:
     all_rows = sum(sizes)
     all_cells = all_rows * cells / max(rows, 1)
     projected = wall * all_cells / cells
-    reasons: dict[str, int] = {}
-    import pyarrow.parquet as pq
-
-    for r in pq.read_table(args.out / "rejects.parquet").column("reason").to_pylist():
-        reasons[r] = reasons.get(r, 0) + 1
+    reasons = collections.Counter(
+        pq.read_table(args.out / "rejects.parquet").column("reason").to_pylist())
     result = {
         "task_files": len(sources), "max_rows_per_source": cap, "rows": rows, "cells": cells,
         "rejects": summary["rejects"], "rejects_by_reason": reasons,

@@ -59,7 +59,6 @@ def main() -> None:
     if args.out is None:
         name = "distill_mmlu_quick.json" if args.quick else "distill_mmlu.json"
         args.out = REPO / "benchmarks" / "results" / name
-    results_args = {"eval_per_subject": args.eval_per_subject, "train_steps": args.train_steps}
     if not MMLU.is_dir():
         sys.exit(f"MMLU not found at {MMLU}")
 
@@ -106,8 +105,9 @@ def main() -> None:
 
     ray.init(num_cpus=2, log_to_driver=False)
     results = {"subjects": {s: int(sizes[s]) for s in subjects}, "pool": len(pool),
-               "eval": len(eval_rows), **results_args, "budget": args.budget,
-               "stages": args.stages, "modes": {}}
+               "eval": len(eval_rows), "eval_per_subject": args.eval_per_subject,
+               "train_steps": args.train_steps, "budget": args.budget, "stages": args.stages,
+               "modes": {}}
     teacher_cfg = TeacherConfig(model=SMOLLM2, max_batch_size=8,
                                 serve=ServeConfig(port=0, num_cpus=1))
     with local_teacher(teacher_cfg) as url:

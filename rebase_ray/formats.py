@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from rebase_ray.text import normalize
+
 ANSWER_PREFIX = "Answer:"
 _ANSWER_LINE = re.compile(r"(?im)^\s*(?:final\s+)?answer\s*:\s*")
 _ANSWER_IS = re.compile(
@@ -58,8 +60,8 @@ def checked_rationale(reply: str, gold: str, labels: list[str] | None) -> tuple[
     after it ("C\n\nExplanation: ...") counts, the first line as the answer. Label answers
     agree as the evaluation scores them (`accuracy_score`: the one label named, a choice
     letter); other answers after text normalisation."""
+    # imported here: rebase_ray.evaluate imports this module
     from rebase_ray.evaluate.metrics import accuracy_score
-    from rebase_ray.text import normalize
 
     rationale, answer = split_answer(reply)
     if not rationale and "\n" in answer:
