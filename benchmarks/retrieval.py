@@ -1,19 +1,23 @@
-"""Retrieval: rebase-ray (sharded FAISS on Ray actors + exact rescoring of candidate rows) vs
-ReBase-style exhaustive torch cosine over every cell with the same scoring, in one run.
+"""Retrieval: rebase-ray (sharded dataset-aware FAISS on Ray actors + exact rescoring of
+candidate rows) vs ReBase-style exhaustive torch cosine over every cell with the same
+scoring, in one run.
 
-    .venv/bin/python benchmarks/retrieval.py [--cells 1000000] [--shards 5] [--quick]
+    .venv/bin/python benchmarks/retrieval.py [--cells 1000000] [--shards 2] [--quick]
 
 Scale vectors: embedding 1M texts takes about an hour on this CPU, so the cells are real
 BIG-bench cell embeddings (cached by benchmarks/embed_throughput.py) repeated with Gaussian
 noise and re-normalised, as in benchmarks/index_build.py; rows have 2 cells, over 20 source
 datasets. The datastore is written directly in the on-storage layout (cells.parquet,
-vectors.npy, index.faiss per shard, sources.parquet, manifest.json) with the datastore's own
-`build_index`, not through Ray Data embedding, and cached for benchmarks/retriever_endpoint.py.
+vectors.npy, basis.npy, index.faiss per shard, sources.parquet, manifest.json) with the
+datastore's own index functions, not through Ray Data embedding, and cached for benchmarks/retriever_endpoint.py.
 Queries are real held-out cells: per task 1 instruction, 3 few-shot inputs, 3 outputs. Both
 sides start from the same query vectors (embedding the query costs the same for both).
 
 Prints median seconds per query for both, the speed ratio and recall@100 of the top rows
-(goal ≥ 20x at recall ≥ 0.95); writes benchmarks/results/retrieval.json.
+(goal ≥ 20x at recall ≥ 0.95); writes benchmarks/results/retrieval.json. rebase-ray is timed
+twice per task: its first query (the index lists and vectors it touches are cold in the
+shard actors' memory maps) and the same query repeated (warm, as in a long-running
+endpoint). The exhaustive baseline runs after them, alone, on vectors held in memory.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import pyarrow as pa
 import torch
 from index_build import real_vectors, scale
 
-from rebase_ray.config import RetrieveConfig, config_hash
+from rebase_ray.config import IndexConfig, RetrieveConfig, config_hash
 from rebase_ray.datastore.build import SOURCES_SCHEMA, shard_name
-from rebase_ray.datastore.index import build_index
+from rebase_ray.datastore.index import build_index, dataset_basis, with_datasets
+from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.models import cache_dir
 from rebase_ray.retrieve.queries import Query
 from rebase_ray.sources import CELL_SCHEMA
@@ -43,18 +48,19 @@ from rebase_ray.storage import Storage
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = 20
 CELLS_PER_ROW = 2
-TOP = 100
 
 
 def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: float) -> str:
     """A datastore of `cells` scale vectors in the on-storage layout (cached)."""
-    out = cache_dir() / f"bench-retrieval-{cells}-{shards}-{factory.replace(',', '_')}"
+    out = cache_dir() / (f"bench-retrieval-v{FORMAT_VERSION}-{cells}-{shards}-"
+                         f"{factory.replace(',', '_')}")
     if (out / "manifest.json").exists():
         return str(out)
     st = Storage("file")
     real = real_vectors(2_000)
     base = real[500:]  # 0..499 are held out for queries
     vectors = scale(base, cells, sigma)
+    desc = scale(real[:DATASETS], DATASETS, sigma, seed=1)
     rows = cells // CELLS_PER_ROW
     row_of = np.arange(cells) // CELLS_PER_ROW
     bounds = np.linspace(0, rows, shards + 1).astype(int) * CELLS_PER_ROW
@@ -62,24 +68,23 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
     for i in range(shards):
         a, b = bounds[i], bounds[i + 1]
         r = row_of[a:b]
+        # each shard holds every dataset, its cells in (dataset, row, column) order
+        code = (r - r[0]) * DATASETS // (r[-1] - r[0] + 1)
         cells_table = pa.table({
             "cell_id": pa.array([f"c{j}" for j in range(a, b)]),
-            # each shard holds every dataset, its cells in (dataset, row, column) order
-            "dataset": pa.array([f"bench{d:02d}" for d in
-                                 (r - r[0]) * DATASETS // (r[-1] - r[0] + 1)]),
+            "dataset": pa.array([f"bench{d:02d}" for d in code]),
             "config": pa.array(["default"] * (b - a)), "split": pa.array(["train"] * (b - a)),
             "row_idx": pa.array(r, pa.int64()),
             "column": pa.array(["input" if j % 2 == 0 else "output" for j in range(a, b)]),
             "value": pa.array([f"text of cell {j}" for j in range(a, b)])}, schema=CELL_SCHEMA)
+        basis = dataset_basis(desc, IndexConfig().dataset_dims)
         t = time.perf_counter()
-        index = build_index(vectors[a:b], factory, 20_000)
+        index = build_index(with_datasets(vectors[a:b], (desc @ basis)[code]), factory, 60_000)
         print(f"shard {i}: {b - a} cells, {factory} built in {time.perf_counter() - t:.0f}s")
         folder = st.join(str(out), "shards", shard_name(i))
-        npy = io.BytesIO()
-        np.save(npy, vectors[a:b])
         files = {}
         for name, data in (("index.faiss", faiss.serialize_index(index).tobytes()),
-                           ("vectors.npy", npy.getvalue())):
+                           ("vectors.npy", _npy(vectors[a:b])), ("basis.npy", _npy(basis))):
             files[f"shards/{shard_name(i)}/{name}"] = {
                 "sha256": st.write_bytes(st.join(folder, name), data), "bytes": len(data)}
         uri = st.join(folder, "cells.parquet")
@@ -87,9 +92,9 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
             "sha256": st.write_parquet(uri, cells_table), "bytes": st.size(uri)}
         entries.append({"id": i, "name": shard_name(i), "cells": b - a,
                         "rows": (b - a) // CELLS_PER_ROW, "factory": factory,
+                        "dataset_dims": int(basis.shape[1]),
                         "search_params": f"nprobe={nprobe}" if "IVF" in factory else "",
                         "files": files})
-    desc = scale(real[:DATASETS], DATASETS, sigma, seed=1)
     sources = pa.table({
         "name": [f"bench{d:02d}" for d in range(DATASETS)],
         "description": [f"benchmark source {d}" for d in range(DATASETS)],
@@ -99,11 +104,17 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
     uri = st.join(str(out), "sources.parquet")
     sha = st.write_parquet(uri, sources)
     st.write_json(st.join(str(out), "manifest.json"), {
-        "format": 1, "embedder": "bundled:minilm", "dim": int(vectors.shape[1]), "metric": "ip",
-        "config_hash": config_hash(cells, shards, factory, sigma), "shards": entries,
-        "files": {"sources.parquet": {"sha256": sha, "bytes": st.size(uri)}},
+        "format": FORMAT_VERSION, "embedder": "bundled:minilm", "dim": int(vectors.shape[1]),
+        "metric": "ip", "config_hash": config_hash(cells, shards, factory, sigma),
+        "shards": entries, "files": {"sources.parquet": {"sha256": sha, "bytes": st.size(uri)}},
         "sources": {}, "note": "benchmark scale vectors, written by benchmarks/retrieval.py"})
     return str(out)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def tasks(n: int, seed: int = 0) -> list[tuple[np.ndarray, list, list]]:
@@ -152,14 +163,17 @@ class Exhaustive:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=1_000_000)
-    ap.add_argument("--shards", type=int, default=5)
-    ap.add_argument("--factory", default="IVF256,Flat",
+    ap.add_argument("--shards", type=int, default=2, help="one shard actor per core here")
+    ap.add_argument("--factory", default="IVF2048,Flat",
                     help="FAISS factory per shard (HNSW builds too slowly on 2 shared cores)")
-    ap.add_argument("--nprobe", type=int, default=16)
-    ap.add_argument("--candidates", type=int, default=1000, help="ANN cells per query vector")
-    ap.add_argument("--search-params", default=None,
-                    help='FAISS search params at query time, e.g. "nprobe=8"')
-    ap.add_argument("--tasks", type=int, default=10)
+    ap.add_argument("--nprobe", type=int, default=24, help="IVF lists probed per query")
+    ap.add_argument("--candidates", type=int, default=2000,
+                    help="ANN cells per query vector per shard")
+    ap.add_argument("--exact", action="store_true", help="RetrieveConfig.exact")
+    ap.add_argument("--load", choices=["mmap", "memory"], default="mmap",
+                    help="RetrieveConfig.load")
+    ap.add_argument("--tasks", type=int, default=20)
+    ap.add_argument("--top", type=int, default=100, help="rows asked for (and recall@top)")
     ap.add_argument("--sigma", type=float, default=0.02)
     ap.add_argument("--quick", action="store_true", help="100k cells")
     args = ap.parse_args()
@@ -174,51 +188,67 @@ def main() -> None:
     uri = bench_datastore(args.cells, args.shards, args.factory, args.nprobe, args.sigma)
     print(f"datastore {uri} ready in {time.perf_counter() - t:.0f}s")
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
-    cfg = RetrieveConfig(top_n=TOP, candidates_per_query=args.candidates,
-                         shard_cpus=1 / args.shards, search_params=args.search_params)
+    params = f"nprobe={args.nprobe}" if "IVF" in args.factory else None
+    cfg = RetrieveConfig(top_n=args.top, candidates_per_query=args.candidates,
+                         exact=args.exact, load=args.load, shard_cpus=1 / args.shards, search_params=params)
     t = time.perf_counter()
     retriever = Retriever(uri, cfg)
     open_s = time.perf_counter() - t
     t = time.perf_counter()
     exhaustive = Exhaustive(uri)
     load_s = time.perf_counter() - t
-    queries = tasks(args.tasks)
-    ours, theirs, recalls = [], [], []
-    for i, (instruction, inputs, outputs) in enumerate(queries):
+    warm_up, *queries = tasks(args.tasks + 1)
+    warm_q = Query(warm_up[0], np.mean(warm_up[1], 0), np.mean(warm_up[2], 0))
+    retriever.search(warm_q, args.top)
+    first, repeat, found, rescored = [], [], [], []
+    for instruction, inputs, outputs in queries:
         q = Query(instruction, np.mean(inputs, 0), np.mean(outputs, 0))
-        if i == 0:
-            retriever.search(q, TOP)  # warm up the page cache and the actors
         t = time.perf_counter()
-        hits = retriever.search(q, TOP).hits
-        ours.append(time.perf_counter() - t)
+        result = retriever.search(q, args.top)
+        first.append(time.perf_counter() - t)
         t = time.perf_counter()
-        truth = exhaustive.search(instruction, inputs, outputs, TOP)
-        theirs.append(time.perf_counter() - t)
-        recalls.append(len(set(hits["row_key"]) & set(truth)) / TOP)
+        retriever.search(q, args.top)  # the same query again: its lists and vectors are warm
+        repeat.append(time.perf_counter() - t)
+        found.append({h["row_key"] for h in result.hits})
+        rescored.append(result.candidates)
     retriever.close()
     ray.shutdown()
+    # the baseline runs alone afterwards: torch's threads keep spinning after a matmul and
+    # would take the cores from the shard actors
+    theirs, recalls = [], []
+    for (instruction, inputs, outputs), keys in zip(queries, found):
+        t = time.perf_counter()
+        truth = exhaustive.search(instruction, inputs, outputs, args.top)
+        theirs.append(time.perf_counter() - t)
+        recalls.append(len(keys & set(truth)) / args.top)
     result = {
         "cells": args.cells, "rows": args.cells // CELLS_PER_ROW, "shards": args.shards,
-        "factory": args.factory, "nprobe": args.nprobe, "search_params": args.search_params,
-        "candidates_per_query": args.candidates,
-        "tasks": len(queries), "top": TOP,
+        "factory": args.factory, "search_params": params, "exact": args.exact,
+        "load": args.load,
+        "candidates_per_query": args.candidates, "dataset_dims": IndexConfig().dataset_dims,
+        "tasks": len(queries), "top": args.top,
         "vectors": "real BIG-bench cell embeddings perturbed with Gaussian noise "
                    f"(sigma {args.sigma}/dim); datastore written directly in the on-storage "
                    "layout, not embedded through Ray Data",
-        "rebase_ray_s_median": float(np.median(ours)),
+        "rebase_ray_first_s_median": float(np.median(first)),
+        "rebase_ray_repeat_s_median": float(np.median(repeat)),
         "exhaustive_torch_s_median": float(np.median(theirs)),
-        "speedup": float(np.median(theirs) / np.median(ours)),
-        f"recall@{TOP}_mean": float(np.mean(recalls)), f"recall@{TOP}_min": float(min(recalls)),
+        "speedup_first": float(np.median(theirs) / np.median(first)),
+        "speedup_repeat": float(np.median(theirs) / np.median(repeat)),
+        "recall_mean": float(np.mean(recalls)), "recall_min": float(min(recalls)),
+        "rows_rescored_mean": float(np.mean(rescored)),
         "retriever_open_s": round(open_s, 1), "exhaustive_load_s": round(load_s, 1),
         "load_avg_1m": os.getloadavg()[0],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "retrieval.json" if args.top == 100 else f"retrieval_top{args.top}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"rebase-ray {result['rebase_ray_s_median'] * 1000:.1f} ms vs exhaustive "
-          f"{result['exhaustive_torch_s_median'] * 1000:.1f} ms per query: "
-          f"{result['speedup']:.1f}x at recall@{TOP} {result[f'recall@{TOP}_mean']:.3f} "
-          "(goal >= 20x at >= 0.95)")
+    print(f"rebase-ray {result['rebase_ray_first_s_median'] * 1000:.1f} ms (a task's first "
+          f"query), {result['rebase_ray_repeat_s_median'] * 1000:.1f} ms (repeated) vs "
+          f"exhaustive {result['exhaustive_torch_s_median'] * 1000:.1f} ms per query: "
+          f"{result['speedup_first']:.1f}x / {result['speedup_repeat']:.1f}x at recall@{args.top} "
+          f"{result['recall_mean']:.3f} (goal >= 20x at >= 0.95)")
 
 
 if __name__ == "__main__":

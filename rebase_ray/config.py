@@ -140,6 +140,9 @@ class IndexConfig(Strict):
     flat_max_cells: int = Field(default=100_000, gt=0)
     hnsw_max_cells: int = Field(default=1_000_000, gt=0)
     train_sample: int = Field(default=100_000, gt=0)
+    dataset_dims: int = Field(
+        default=32, ge=0, le=256, description="index dimensions that carry the dataset score "
+        "(exact for shards with at most this many sources); 0: cell similarity alone")
 
     def build_hash(self) -> str:
         """Hash of the fields that change what is built (not how many resources build it)."""
@@ -168,6 +171,10 @@ class RetrieveConfig(Strict):
     top_n: int = Field(default=3000, gt=0, description="rows kept (ReBase: 3,000)")
     candidates_per_query: int = Field(
         default=2000, gt=0, description="ANN cells per query vector per shard (at least top_n)")
+    exact: bool = Field(
+        default=False, description="search again with more candidates until no row left "
+        "unfound can beat the last row kept (exact with Flat indexes, else up to the index's "
+        "recall); off: one pass")
     per_dataset_cap: int | None = Field(default=None, gt=0, description="off: the paper")
     diversity: bool = Field(default=False, description="MMR re-rank; off: the paper")
     diversity_weight: float = Field(default=0.7, gt=0, le=1, description="MMR score weight")
@@ -176,8 +183,15 @@ class RetrieveConfig(Strict):
     search_params: str | None = Field(
         default=None, description='FAISS search params for every shard, e.g. "nprobe=8" or '
         '"efSearch=64"; None: those the datastore was built with')
+    embed_cache: int = Field(
+        default=10_000, ge=0, description="query texts whose vectors are remembered (least "
+        "recently used first out); 0: off")
     max_batch_size: int = Field(default=16, gt=0, description="endpoint requests per batch")
     batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    load: Literal["mmap", "memory"] = Field(
+        default="mmap", description="mmap: shard indexes and vectors memory-mapped (pages "
+        "read on first touch); memory: read into each shard actor's memory at start (no "
+        "page faults on a query, needs the shards' size in RAM)")
     verify: Literal["cached", "full"] = Field(
         default="cached", description="cached: re-hash a shard file only when its stat changed")
     serve: ServeConfig = ServeConfig(route_prefix="/retriever")  # beside the teacher at /

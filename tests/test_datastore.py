@@ -18,7 +18,8 @@ from rebase_ray.cli import app
 from rebase_ray.config import SourceConfig
 from rebase_ray.datastore import ChecksumError, Datastore, build_datastore
 from rebase_ray.datastore.embed import Embedder, column_vectors, embed_dataset
-from rebase_ray.storage import open_storage
+from rebase_ray.datastore.index import with_datasets
+from rebase_ray.storage import StorageError, open_storage
 
 TOTAL_CELLS = sum(c for _, c, _ in EXPECTED.values())
 
@@ -30,6 +31,14 @@ def built(tmp_path_factory, ray_cluster):
     out = str(root / "store")
     summary = build_datastore(sources, out, CFG)
     return sources, out, summary
+
+
+def indexed(ds: Datastore, i: int) -> np.ndarray:
+    """Shard i's cells as its index holds them: [cell vector ‖ its source's coordinates in the
+    shard's description basis]."""
+    described = {r["name"]: np.asarray(r["vector"], np.float32) for r in ds.sources().to_pylist()}
+    coords = np.stack([described[d] for d in ds.load_cells(i)["dataset"].to_pylist()])
+    return with_datasets(np.asarray(ds.load_vectors(i)), coords @ ds.load_basis(i))
 
 
 def _copy(out: str, tmp_path) -> str:
@@ -72,17 +81,28 @@ def test_build_counts_and_layout(built):
 def test_cell_vector_finds_its_cell_first(built):
     _, out, _ = built
     ds = Datastore.open(out)
+    described = {r["name"]: np.asarray(r["vector"]) for r in ds.sources().to_pylist()}
+    instruction = ds.embed(["Answer the question"])[0]
     for i in range(ds.num_shards):
         index, vectors, cells = ds.load_index(i), ds.load_vectors(i), ds.load_cells(i)
         assert vectors.dtype == np.float32 and vectors.shape == (ds.shard_count(i), 384)
         assert isinstance(vectors, np.memmap)
-        scores, ids = index.search(np.ascontiguousarray(vectors), 4)
+        # the index's dataset part: an orthonormal basis of the shard's source descriptions,
+        # in which a source's coordinates give its dataset score exactly
+        basis, names = ds.load_basis(i), sorted(set(cells["dataset"].to_pylist()))
+        assert basis.shape == (384, len(names)) and index.d == 384 + len(names)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(len(names)), atol=1e-5)
+        for name in names:
+            np.testing.assert_allclose((described[name] @ basis) @ (basis.T @ instruction),
+                                       described[name] @ instruction, atol=1e-5)
+        view = indexed(ds, i)
+        scores, ids = index.search(view, 4)
         for j in range(len(vectors)):  # first, or tied first with an identical value
             tied = ids[j][scores[j] >= scores[j, 0] - 1e-5]
             assert j in tied and len(set(cells["value"].take(tied).to_pylist())) == 1
         # and a query embedded with the datastore's embedder finds the same cell
         value = cells["value"][0].as_py()
-        _, ids = index.search(ds.embed([value]), 1)
+        _, ids = index.search(with_datasets(ds.embed([value]), view[:1, 384:]), 1)
         assert cells["value"][int(ids[0, 0])].as_py() == value
 
 
@@ -156,7 +176,7 @@ def test_hashes_are_cached_until_the_file_changes(built, tmp_path, monkeypatch):
     Datastore.open(out).load_index(0)
     assert reads == []
     Datastore.open(out, verify="full").load_index(0)
-    assert len(reads) == 3  # index.faiss, cells.parquet, vectors.npy
+    assert len(reads) == 4  # index.faiss, cells.parquet, vectors.npy, basis.npy
     flip_last_byte(os.path.join(out, "shards", "shard-00000", "vectors.npy"))
     with pytest.raises(ChecksumError, match="shard-00000/vectors.npy was modified"):
         Datastore.open(out).load_vectors(0)
@@ -188,9 +208,10 @@ def test_s3_in_and_out_with_the_cli(tmp_path, s3_bucket, ray_cluster, monkeypatc
     again = json.loads(forced.stdout[forced.stdout.index("{"):])
     assert (again["shards_built"], again["cells_embedded"]) == (2, summary["cells"])
     ds = Datastore.open(out)
-    index, vectors = ds.load_index(0), ds.load_vectors(0)
-    scores, _ = index.search(np.ascontiguousarray(vectors), 1)
-    assert np.allclose(scores[:, 0], 1, atol=1e-4)  # each cell's vector is in the index
+    view = indexed(ds, 0)
+    scores, _ = ds.load_index(0).search(view, 1)
+    # each cell's vector (and its source's coordinates, of norm 1) is in the index
+    assert np.allclose(scores[:, 0], 2, atol=1e-4)
     assert ds.load_cells(0).num_rows == ds.shard_count(0)
 
 
@@ -223,3 +244,12 @@ def test_killed_embedding_actor_loses_and_duplicates_nothing(tmp_path, ray_clust
     vectors = column_vectors(table["vector"])
     assert vectors.shape == (n, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_a_datastore_of_an_older_format_is_refused_with_the_way_out(built, tmp_path):
+    _, out, _ = built
+    out = _copy(out, tmp_path)
+    path = tmp_path / "copy" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": 1}))
+    with pytest.raises(StorageError, match="format 1 datastore.*--force"):
+        Datastore.open(out)

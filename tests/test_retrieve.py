@@ -104,12 +104,15 @@ def reference_scores(store_uri: str, task) -> pd.DataFrame:
 def test_scores_and_ranking_equal_brute_force(corpus):
     _, task, store = corpus
     ref = reference_scores(store, task)
-    retriever = Retriever(store, RetrieveConfig(top_n=40, candidates_per_query=8))
+    retriever = Retriever(store, RetrieveConfig(top_n=40, candidates_per_query=2, exact=True))
     try:
         assert len(retriever.shard_info) == 3
         q = retriever.query(task.instruction, [e.input for e in task.examples],
                             [e.output for e in task.examples])
-        hits = retriever.search(q).hits
+        hits = pd.DataFrame(retriever.search(q).hits)
+        # exact: each shard finds 5 cells per query vector at first (k is at least top_n),
+        # then more until no row left unfound can beat the 5th row kept
+        few = pd.DataFrame(retriever.search(q, top_n=5).hits)
     finally:
         retriever.close()
     assert len(hits) == 40
@@ -120,6 +123,7 @@ def test_scores_and_ranking_equal_brute_force(corpus):
     # with equal text tie) and the same 40 rows
     np.testing.assert_allclose(hits["score"], ref["score"].iloc[:40], atol=1e-5)
     assert set(hits["row_key"]) == set(ref.index[:40])
+    np.testing.assert_allclose(few["score"], ref["score"].iloc[:5], atol=1e-5)
 
 
 def test_diversity_and_cap_options(corpus):
@@ -128,7 +132,8 @@ def test_diversity_and_cap_options(corpus):
     try:
         q = retriever.query(task.instruction, [e.input for e in task.examples],
                             [e.output for e in task.examples])
-        hits = retriever.search(q, exclude={"bbc_copy": "test", "news_topic_test": "test"}).hits
+        hits = pd.DataFrame(retriever.search(
+            q, exclude={"bbc_copy": "test", "news_topic_test": "test"}).hits)
     finally:
         retriever.close()
     # two datasets left after the exclusions, at most 4 rows each: 8 < top_n rows

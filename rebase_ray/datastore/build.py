@@ -7,8 +7,9 @@
 3. Cells of shards not finished yet (a crashed run leaves finished shards with their
    `shard.json`) and the sources' descriptions are embedded by an actor pool and staged as
    Parquet partitioned by shard.
-4. One Ray task per shard sorts its cells, writes cells.parquet, vectors.npy and index.faiss
-   and their checksums.
+4. One Ray task per shard sorts its cells, writes cells.parquet, vectors.npy, basis.npy (the
+   basis of its sources' descriptions) and index.faiss (dataset-aware: see
+   `datastore.index`) and their checksums.
 5. sources.parquet, rejects.parquet and, last, manifest.json are written.
 """
 
@@ -22,11 +23,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from rebase_ray.config import IndexConfig, S3Config, SourceConfig, config_hash
 from rebase_ray.datastore.embed import VECTOR, column_vectors, embed_dataset
-from rebase_ray.datastore.index import build_index, choose_factory, search_params
+from rebase_ray.datastore.index import (
+    build_index,
+    choose_factory,
+    dataset_basis,
+    search_params,
+    with_datasets,
+)
+from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.sources import (
     CELL_COLUMNS,
     CELL_SCHEMA,
@@ -38,8 +47,6 @@ from rebase_ray.sources import (
 )
 from rebase_ray.storage import ChecksumError, Storage, StorageError, open_storage
 
-FORMAT_VERSION = 1
-SHARD_FILES = ("index.faiss", "cells.parquet", "vectors.npy")
 SOURCES_SCHEMA = pa.schema([("name", pa.string()), ("description", pa.string()),
                             ("vector", pa.list_(pa.float32())), ("domain", pa.string()),
                             ("license", pa.string()), ("rows", pa.int64()),
@@ -244,8 +251,9 @@ def _build_shards(st: Storage, out: str, s3: S3Config | None, staging: str, ids:
 
 def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int, group: str,
                 dim: int, cfg: IndexConfig) -> dict:
-    """One shard (a Ray task): staged cells+vectors → cells.parquet, vectors.npy, index.faiss
-    in a fixed row order (dataset, row_idx, column) that is also the FAISS id order."""
+    """One shard (a Ray task): staged cells+vectors → cells.parquet, vectors.npy, basis.npy,
+    index.faiss in a fixed row order (dataset, row_idx, column) that is also the FAISS id
+    order."""
     import faiss
 
     faiss.omp_set_num_threads(max(1, int(cfg.build_cpus)))
@@ -260,13 +268,12 @@ def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int,
         cells = table.select(CELL_COLUMNS).cast(CELL_SCHEMA)
         vectors = column_vectors(table[VECTOR])
         rows = len(set(table["row_key"].to_pylist()))
-    factory = choose_factory(len(vectors), dim, cfg) if len(vectors) else "Flat"
-    index = build_index(vectors, factory, cfg.train_sample)
-    npy = io.BytesIO()
-    np.save(npy, vectors)
+    basis, coords = _dataset_coords(st, staging, cells, dim, cfg.dataset_dims)
+    factory = choose_factory(len(vectors), dim + basis.shape[1], cfg) if len(vectors) else "Flat"
+    index = build_index(with_datasets(vectors, coords), factory, cfg.train_sample)
     folder = st.join(out, "shards", shard_name(i))
-    blobs = {"index.faiss": faiss.serialize_index(index).tobytes(), "vectors.npy":
-             npy.getvalue()}
+    blobs = {"index.faiss": faiss.serialize_index(index).tobytes(),
+             "vectors.npy": _npy(vectors), "basis.npy": _npy(basis)}
     files = {f"shards/{shard_name(i)}/cells.parquet": {
         "sha256": st.write_parquet(st.join(folder, "cells.parquet"), cells),
         "bytes": st.size(st.join(folder, "cells.parquet"))}}
@@ -275,9 +282,28 @@ def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int,
             "sha256": st.write_bytes(st.join(folder, name), data), "bytes": len(data)}
     entry = {"id": i, "name": shard_name(i), "group": group, "of": count,
              "cells": len(vectors), "rows": rows, "factory": factory,
+             "dataset_dims": int(basis.shape[1]),
              "search_params": search_params(factory, len(vectors)), "files": files}
     st.write_json(st.join(folder, "shard.json"), entry)
     return entry
+
+
+def _dataset_coords(st: Storage, staging: str, cells: pa.Table, dim: int, max_dims: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The basis of the shard's source descriptions and each cell's coordinates in it."""
+    desc = _read_partition(st, staging, DESCRIPTIONS)
+    vectors = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
+    encoded = pc.dictionary_encode(cells["dataset"]).combine_chunks()
+    names, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
+    described = np.stack([vectors[n] for n in names]) if len(names) else np.zeros((0, dim))
+    basis = dataset_basis(described, max_dims)
+    return basis, (described @ basis).astype(np.float32)[codes]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def _source_table(sources: list[SourceConfig], read: Any, desc: pa.Table) -> pa.Table:

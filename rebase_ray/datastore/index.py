@@ -4,6 +4,13 @@ Inner product on normalised vectors (= cosine). Flat for small shards, HNSW for 
 ones, IVF-PQ for large ones (≤ 100 bytes per cell); IVF and PQ are trained on a random sample
 of `train_sample` vectors. Search-time parameters (nprobe, efSearch) are stored with the
 shard and applied on load.
+
+The index is dataset-aware: a cell is indexed as [cell vector ‖ a_d], a_d being its source
+description's coordinates in an orthonormal basis B of the shard's descriptions
+(`dataset_basis`), and searched with [query ‖ Bᵀ·instruction]. Since a_d · Bᵀ·instruction =
+description_d · instruction (exactly when the shard has at most `dataset_dims` sources, else
+on their main directions), the index ranks cells by cell similarity + dataset score: the
+two terms of a ReBase row score that one cell decides.
 """
 
 from __future__ import annotations
@@ -52,6 +59,23 @@ def search_params(factory: str, n: int) -> str:
     return ""
 
 
+def dataset_basis(descriptions: np.ndarray, max_dims: int) -> np.ndarray:
+    """(dim, r) orthonormal basis of the span of the (m, dim) description vectors: all of it
+    when it has at most `max_dims` dimensions, else its `max_dims` main directions."""
+    dim = descriptions.shape[1] if descriptions.ndim == 2 else 0
+    if len(descriptions) == 0 or max_dims == 0:
+        return np.zeros((dim, 0), np.float32)
+    _, s, vt = np.linalg.svd(descriptions.astype(np.float64), full_matrices=False)
+    r = min(max_dims, int((s > 1e-6 * s[0]).sum()))
+    return np.ascontiguousarray(vt[:r].T, dtype=np.float32)
+
+
+def with_datasets(vectors: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """[vector ‖ coords] per row: the index's view of cells (coords: each cell's a_d) or of
+    queries (coords: Bᵀ·instruction, repeated)."""
+    return np.ascontiguousarray(np.hstack([vectors, coords]), dtype=np.float32)
+
+
 def build_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int = 0):
     import faiss
 
@@ -78,12 +102,15 @@ def apply_params(index, params: str):
     return index
 
 
-def read_index(path: str, params: str = ""):
-    """Load an index memory-mapped where FAISS allows it, else read it into memory."""
+def read_index(path: str, params: str = "", mmap: bool = True):
+    """Load an index memory-mapped where FAISS allows it (else, or with `mmap` False, read it
+    into memory)."""
     import faiss
 
-    try:
-        index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        index = faiss.read_index(path)
-    return apply_params(index, params)
+    if mmap:
+        try:
+            return apply_params(faiss.read_index(
+                path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY), params)
+        except RuntimeError:
+            pass  # an index type FAISS cannot memory-map
+    return apply_params(faiss.read_index(path), params)

@@ -31,6 +31,7 @@ from rebase_ray.models import cache_dir
 from rebase_ray.storage import ChecksumError, Storage, StorageError, open_storage
 
 Verify = Literal["cached", "full"]
+FORMAT_VERSION = 2  # 2: dataset-aware indexes, with basis.npy in every shard
 
 
 class Datastore:
@@ -48,6 +49,11 @@ class Datastore:
         if manifest is None:
             raise StorageError(f"{uri} is not a datastore (no manifest.json); build it with "
                                "`rebase-ray index`")
+        if manifest.get("format") != FORMAT_VERSION:
+            raise StorageError(
+                f"{uri} is a format {manifest.get('format')} datastore; this rebase-ray reads "
+                f"format {FORMAT_VERSION} (dataset-aware indexes): rebuild it with "
+                "`rebase-ray index ... --force`")
         return cls(st, uri, manifest, verify)
 
     # -- manifest -------------------------------------------------------------------------
@@ -105,20 +111,26 @@ class Datastore:
         tmp.replace(local)
         return str(local)
 
-    def load_index(self, i: int, search_params: str | None = None):
-        """Shard i's FAISS index (memory-mapped where FAISS allows) with the manifest's search
-        params, or `search_params` (a FAISS ParameterSpace string such as "nprobe=8")."""
+    def load_index(self, i: int, search_params: str | None = None, mmap: bool = True):
+        """Shard i's FAISS index (memory-mapped where FAISS allows, unless `mmap` is False)
+        with the manifest's search params, or `search_params` (a FAISS ParameterSpace string
+        such as "nprobe=8")."""
         shard = self.manifest["shards"][i]
         params = shard.get("search_params", "") if search_params is None else search_params
-        return read_index(self._path(i, "index.faiss"), params)
+        return read_index(self._path(i, "index.faiss"), params, mmap)
 
     def load_cells(self, i: int) -> pa.Table:
         """Shard i's cells; row j is FAISS id j."""
         return pq.read_table(self._path(i, "cells.parquet"), memory_map=True)
 
-    def load_vectors(self, i: int) -> np.ndarray:
-        """Shard i's (n, dim) float32 vectors, memory-mapped; row j is FAISS id j."""
-        return np.load(self._path(i, "vectors.npy"), mmap_mode="r")
+    def load_vectors(self, i: int, mmap: bool = True) -> np.ndarray:
+        """Shard i's (n, dim) float32 vectors, memory-mapped unless `mmap` is False; row j is
+        FAISS id j."""
+        return np.load(self._path(i, "vectors.npy"), mmap_mode="r" if mmap else None)
+
+    def load_basis(self, i: int) -> np.ndarray:
+        """Shard i's (dim, r) basis of its sources' descriptions (`datastore.index`)."""
+        return np.load(self._path(i, "basis.npy"))
 
     def sources(self) -> pa.Table:
         """name, description, vector, domain, license, rows, cells of every source."""

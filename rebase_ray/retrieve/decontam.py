@@ -39,11 +39,11 @@ def eval_ngrams(task: TaskConfig, n: int, s3: S3Config | None = None) -> NgramIn
     return NgramIndex(texts, n)
 
 
-def contamination_reason(row_json: str, index: NgramIndex) -> str | None:
-    """Why a rebuilt row (JSON {column: value}) overlaps the eval set, or None."""
+def contamination_reason(row: dict, index: NgramIndex) -> str | None:
+    """Why a rebuilt row ({column: value}) overlaps the eval set, or None."""
     if not len(index):
         return None
-    values = [v if isinstance(v, str) else json.dumps(v) for v in json.loads(row_json).values()]
+    values = [v if isinstance(v, str) else json.dumps(v) for v in row.values()]
     if any(index.overlaps(v) for v in values) or index.overlaps("\n".join(values)):
         return f"shares a {index.n}-gram with, or equals, an eval-set example"
     return None

@@ -8,6 +8,7 @@ to the few-shot inputs" with one dot product, and the same vector drives the ANN
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,37 @@ class Query:
     instruction: np.ndarray  # (dim,) unit vector
     inputs: np.ndarray  # (dim,) mean of the few-shot input vectors (not re-normalised)
     outputs: np.ndarray  # (dim,) mean of the few-shot output vectors
+
+    @property
+    def stacked(self) -> np.ndarray:
+        """(3, dim): instruction, inputs, outputs (what a shard is sent)."""
+        return np.stack([self.instruction, self.inputs, self.outputs]).astype(np.float32)
+
+
+class CachedEmbedder:
+    """`embed` remembering the vectors of the last `size` distinct texts (least recently used
+    first out): a task's instruction and few-shot examples come back with each of its
+    requests. `size` 0 remembers nothing."""
+
+    def __init__(self, embed: Callable[[list[str]], np.ndarray], size: int):
+        self.embed, self.size = embed, size
+        self.vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.size == 0:
+            return self.embed(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self.vectors]
+        if new:
+            self.vectors.update(zip(new, np.asarray(self.embed(new), np.float32)))
+        self.misses += len(new)
+        self.hits += len(texts) - len(new)
+        out = np.stack([self.vectors[t] for t in texts]) if texts else None
+        for t in texts:
+            self.vectors.move_to_end(t)
+        while len(self.vectors) > self.size:
+            self.vectors.popitem(last=False)
+        return out
 
 
 def build_query(embed: Callable[[list[str]], np.ndarray], instruction: str,

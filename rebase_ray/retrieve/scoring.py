@@ -52,8 +52,7 @@ class RowIndex:
 
     def rows_of(self, cell_ids: np.ndarray) -> np.ndarray:
         """The distinct rows that hold these cells (FAISS's -1 padding ignored), sorted."""
-        cell_ids = cell_ids[cell_ids >= 0]
-        return np.unique(self.row_of_cell[cell_ids])
+        return distinct(self.row_of_cell[cell_ids[cell_ids >= 0]])[0]
 
     def cells_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cell ids of `rows`, concatenated row by row; start of each row's run in them)."""
@@ -90,16 +89,33 @@ def score_rows(index: RowIndex, vectors: np.ndarray, rows: np.ndarray,
     run_of = np.repeat(np.arange(len(rows)), lengths)
     best_cells = []
     for j in range(2):
-        hit = np.flatnonzero(sims[:, j] == best[run_of, j])
-        _, first = np.unique(run_of[hit], return_index=True)  # first maximal cell of each row
+        hit = np.flatnonzero(sims[:, j] == best[run_of, j])  # in row order
+        first = np.flatnonzero(np.r_[True, np.diff(run_of[hit]) != 0])  # a row's first maximal cell
         best_cells.append(cell_ids[hit[first]])
     return RowScores(rows, best[:, 0], best[:, 1], best_cells[0], best_cells[1])
 
 
+def distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the sorted distinct values, the position of each one's first occurrence): np.unique's
+    answer with return_index, by one stable sort (np.unique hashes integers, slower here)."""
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    first = np.r_[True, ranked[1:] != ranked[:-1]] if len(ranked) else np.zeros(0, bool)
+    return ranked[first], order[first]
+
+
 def rank_order(score: np.ndarray, row_key: np.ndarray) -> np.ndarray:
     """Indices sorting by score descending, ties broken by row key (a stable, shard-independent
-    order)."""
-    return np.lexsort((row_key, -np.asarray(score, dtype=np.float64)))
+    order). Keys are compared only within runs of equal scores."""
+    neg = -np.asarray(score, dtype=np.float64)
+    order = np.argsort(neg, kind="stable")
+    ranked = neg[order]
+    start = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    end = np.r_[start[1:], len(order)]
+    for a, b in zip(start[end - start > 1], end[end - start > 1]):
+        tied = order[a:b]
+        order[a:b] = tied[np.argsort(np.asarray(row_key, dtype=object)[tied], kind="stable")]
+    return order
 
 
 def cap_per_group(groups: np.ndarray, cap: int | None) -> np.ndarray:

@@ -1,18 +1,30 @@
-"""One datastore shard, searched: ANN proposes candidate rows, exact scoring ranks them.
+"""One datastore shard, searched in one pass: the dataset-aware index proposes candidate
+rows, exact scoring ranks them.
 
-`Shard` holds the shard's FAISS index, its cell vectors (memory-mapped `vectors.npy`) and its
-cells grouped by row. `search` asks the index for the `k` nearest cells to the mean few-shot
-input vector and the `k` nearest to the mean output vector; every row owning one of those
-cells is a candidate and is rescored exactly from all of its cell vectors, so the scores it
-reports are true cosines whatever the index type. `search` returns scores as arrays only;
-`frame` builds the hits (row text as JSON) for the few rows the caller finally keeps.
-`ShardActor` is the same thing as a Ray actor: it loads its shard once and serves batches
-of searches from then on.
+`Shard` holds the shard's FAISS index (over [cell ‖ a_d], see `datastore.index`), its cell
+vectors (memory-mapped `vectors.npy`), the basis of its sources' descriptions and its cells
+grouped by row. `search`:
+
+1. asks the index for the `k` best cells for [mean few-shot input ‖ Bᵀ·instruction] and the
+   `k` best for [mean few-shot output ‖ Bᵀ·instruction]: cells ranked by similarity +
+   dataset score, so the datasets the instruction favours are searched deeper;
+2. bounds every candidate row (a row owning a found cell) from the similarities the search
+   returned, less the dataset part: a side with a found cell scores that cell's similarity,
+   a side without one at most τ (the k-th value found on that side, less the dataset part);
+3. rescores exactly, from all of their cell vectors, the `RESCORE` · top candidates with the
+   best upper bounds, then every candidate whose bound still reaches the top-th exact score:
+   the rows returned carry true cosines, and vectors are read for a few times `top` rows;
+4. builds the hits (locations, scores, the row as {column: value}) of its top rows.
+
+It also returns `bound`, the best score a row with no found cell could have, so that a
+caller wanting the exact top can search again with a larger k (`RetrieveConfig.exact`).
+With a Flat index the bounds are exact; with an ANN index they hold up to its recall.
+`ShardActor` is the same thing as a Ray actor: it loads its shard once and serves batches of
+searches from then on.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from itertools import pairwise
 
@@ -22,23 +34,37 @@ import pyarrow.compute as pc
 import ray
 
 from rebase_ray.config import S3Config
-from rebase_ray.retrieve.scoring import RowIndex, RowScores, cap_per_group, rank_order, score_rows
+from rebase_ray.datastore.index import with_datasets
+from rebase_ray.retrieve.scoring import (
+    RowIndex,
+    RowScores,
+    cap_per_group,
+    distinct,
+    rank_order,
+    score_rows,
+)
 
-REFINE_ROUNDS = 4  # restricted searches while some dataset's bound beats the cut
-DENSE_CELLS = 20_000  # a dataset with at most this many cells in the shard is scored in full
+RESCORE = 2  # candidates rescored first, as a multiple of top
 HIT_COLUMNS = ["row_key", "dataset", "config", "split", "row_idx", "score", "input_score",
                "output_score", "dataset_score", "best_input_column", "best_output_column", "row"]
-SCORE_FIELDS = ("rows", "score", "input_score", "output_score", "dataset_score",
-                "best_input_cell", "best_output_cell")
 
 
 class Shard:
-    def __init__(self, index, vectors: np.ndarray, cells: pa.Table):
+    def __init__(self, index, vectors: np.ndarray, cells: pa.Table,
+                 descriptions: dict[str, np.ndarray], basis: np.ndarray | None = None):
+        """`descriptions`: the description vector of (at least) every source in the shard,
+        for the dataset scores; with `basis` (dim, r) they also make the dataset part of the
+        index's vectors, without it the index holds cell vectors alone."""
         if index.ntotal != len(vectors) or len(vectors) != cells.num_rows:
             raise ValueError(f"shard mismatch: index has {index.ntotal} vectors, vectors.npy "
                              f"{len(vectors)}, cells.parquet {cells.num_rows} rows")
+        dim = vectors.shape[1]
+        self.basis = np.zeros((dim, 0), np.float32) if basis is None else basis
+        if index.d != dim + self.basis.shape[1]:
+            raise ValueError(f"shard mismatch: index has {index.d} dimensions, vectors {dim} "
+                             f"and the dataset basis {self.basis.shape[1]}")
         self.index = index
-        self.vectors = vectors
+        self.vectors = np.asarray(vectors)  # a plain view of the memory map: faster indexing
         self.rows = RowIndex.from_cells(cells)
         self.columns = cells["column"].combine_chunks()
         self.values = cells["value"].combine_chunks()
@@ -49,18 +75,13 @@ class Shard:
         self.row_config = np.asarray(cells["config"].take(first).to_pylist(), dtype=object)
         self.row_split = np.asarray(cells["split"].take(first).to_pylist(), dtype=object)
         self.row_idx = cells["row_idx"].take(first).to_numpy()
-        cell_dataset = self.row_dataset[self.rows.row_of_cell]
-        self.dataset_cells = np.bincount(cell_dataset, minlength=len(self.dataset_names))
-        self._cell_dataset = cell_dataset
-        self._dataset_rows = [np.flatnonzero(self.row_dataset == d)
-                              for d in range(len(self.dataset_names))]
-        import faiss
-
-        self._ivf = faiss.try_extract_index_ivf(index)
-        # Flat-coded indexes return exact inner products for the cells they find
-        base = self._ivf if self._ivf is not None else getattr(index, "storage", index)
-        self._exact_sims = isinstance(faiss.downcast_index(base), (
-            faiss.IndexFlat, faiss.IndexIVFFlat))
+        self.cell_dataset = self.row_dataset[self.rows.row_of_cell]
+        missing = sorted(set(self.dataset_names) - set(descriptions))
+        if missing:
+            raise ValueError(f"no description vector for the shard's sources {missing}")
+        self.descriptions = np.asarray([descriptions[n] for n in self.dataset_names],
+                                       np.float32).reshape(len(self.dataset_names), dim)
+        self.coords = self.descriptions @ self.basis
 
     @property
     def num_cells(self) -> int:
@@ -70,168 +91,125 @@ class Shard:
         return {"cells": self.num_cells, "rows": self.rows.num_rows,
                 "datasets": sorted(self.dataset_names.tolist())}
 
-    def search(self, q_inputs: np.ndarray, q_outputs: np.ndarray,
-               dataset_scores: dict[str, float], k: int, top: int,
-               exclude: Collection[str] = (), cap: int | None = None,
-               refine_above: float | None = -np.inf) -> dict:
-        """The shard's `top` rows by exact ReBase score among the candidates, as arrays
-        (SCORE_FIELDS, plus row_key and dataset); `frame` turns chosen rows into hits.
+    def search(self, query: np.ndarray, k: int, top: int, exclude: Collection[str] = (),
+               cap: int | None = None, with_vectors: bool = False) -> dict:
+        """The shard's `top` rows by exact ReBase score among the candidates (module
+        docstring) for `query`, the (3, dim) instruction, mean few-shot input and mean
+        few-shot output vectors (`Query.stacked`), as hits (HIT_COLUMNS lists, plus each row's best input cell vector with
+        `with_vectors`, for a diversity re-rank).
 
-        Candidates: rows owning one of the `k` nearest cells to either query vector. A row
-        that is not a candidate scores at most (τ_in + τ_out + dataset score) / 3, τ being the
-        k-th similarity found. While that bound beats both the shard's top-th score and
-        `refine_above` for some dataset, those datasets are searched again: in full when they
-        are small (DENSE_CELLS), else by one FAISS search restricted to their cells with twice
-        the k. So the rows above the cut are exact up to the ANN's own recall. `refine_above`
-        None skips refinement (a first, cheap pass whose `bound` tells the caller whether
-        this shard may still hold better rows than the ones found).
-
-        Rows of `exclude`d datasets are never returned as hits; those that would have ranked
-        in the top are returned separately (`excluded`) so that the caller can report them.
-        `cap` keeps at most that many rows per dataset."""
+        Rows of `exclude`d datasets are never hits; those that scored in the top are returned
+        separately (`excluded`) so that the caller can report them. `cap` keeps at most that
+        many rows per dataset. Also returns `bound` (the best score of a row not found),
+        `candidates` (rows rescored exactly) and `complete` (k covered every cell and every
+        hit row fits in `top`: asking again cannot give more)."""
+        instruction, q_inputs, q_outputs = np.asarray(query, np.float32)
         k = min(k, self.num_cells)
-        queries = np.ascontiguousarray(np.stack([q_inputs, q_outputs]), dtype=np.float32)
+        ds = self.descriptions @ instruction  # the dataset score of each source
+        out_of = np.isin(self.dataset_names, list(exclude))
+        if k == 0:
+            return self._result(score_rows(self.rows, self.vectors, [], q_inputs, q_outputs),
+                                ds, out_of, top, cap, with_vectors, -np.inf, True)
+        z = self.basis.T @ instruction
+        queries = with_datasets(np.stack([q_inputs, q_outputs]), np.tile(z, (2, 1)))
         sims, ids = self.index.search(queries, k)
-        ds_by_code = np.array([dataset_scores.get(n, 0.0) for n in self.dataset_names],
-                              dtype=np.float32)
-        excluded_code = np.isin(self.dataset_names, list(exclude))
-        # per dataset: the bound on the similarity of its cells not found, to each query
-        floor = np.tile(self._kth(sims, k, self.num_cells), (len(self.dataset_names), 1))
-        candidates, pruned = self._prune(sims, ids, floor[0], ds_by_code, excluded_code, top,
-                                         cap)
-        s = score_rows(self.rows, self.vectors, candidates, q_inputs, q_outputs)
-        next_k = 2 * k
-        for _ in range(REFINE_ROUNDS if refine_above is not None else 0):
-            score = (s.input_score + s.output_score + ds_by_code[self.row_dataset[s.rows]]) / 3
-            kept = np.sort(score[~excluded_code[self.row_dataset[s.rows]]])[::-1]
-            cutoff = max(kept[top - 1] if len(kept) >= top else -np.inf, refine_above)
-            bound = (floor.sum(axis=1) + ds_by_code) / 3
-            open_ = (bound > cutoff) & ~excluded_code & np.isfinite(bound)
-            if not open_.any():
-                break
-            dense = open_ & (self.dataset_cells <= DENSE_CELLS)
-            new = [self._dataset_rows[d] for d in np.flatnonzero(dense)]
-            floor[dense] = -np.inf
-            ann = open_ & ~dense
-            if ann.any():
-                size = int(self.dataset_cells[ann].sum())
-                kd = min(next_k, size)
-                sims, ids = self.index.search(queries, kd, params=self._selector(ann))
-                floor[ann] = self._kth(sims, kd, size)
-                new.append(self.rows.rows_of(ids.ravel()))
-                next_k *= 2
-            rows = np.setdiff1d(np.concatenate(new), s.rows)
-            s = _concat(s, score_rows(self.rows, self.vectors, rows, q_inputs, q_outputs))
-        rows = s.rows
-        ds = ds_by_code[self.row_dataset[rows]]
-        score = (s.input_score + s.output_score + ds) / 3
-        order = rank_order(score, self.rows.row_key[rows])
-        excluded = excluded_code[self.row_dataset[rows]]
+        shift = self.coords @ z  # what the index adds to the similarity of each dataset's cells
+        rows, upper, tau = self._bounds(sims, ids, shift, k)
+        row_ds = ds[self.row_dataset[rows]]
+        order = np.argsort(-(upper[0] + upper[1] + row_ds), kind="stable")
+        first = order[:RESCORE * top]
+        s = score_rows(self.rows, self.vectors, rows[first], q_inputs, q_outputs)
+        cut = self._cut(s, ds, out_of, top, cap)
+        rest = order[len(first):]
+        rest = rest[(upper[0][rest] + upper[1][rest] + row_ds[rest]) / 3 >= cut]
+        s = _concat(s, score_rows(self.rows, self.vectors, rows[rest], q_inputs, q_outputs))
+        # a row with no found cell has every cell below τ on both sides (none when a side
+        # returned every cell)
+        bound = -np.inf if np.isneginf(tau).any() or out_of.all() else float(
+            ((tau[0] + tau[1] - 2 * shift + ds) / 3)[~out_of].max())
+        return self._result(s, ds, out_of, top, cap, with_vectors, bound,
+                            k >= self.num_cells)
+
+    def _bounds(self, sims: np.ndarray, ids: np.ndarray, shift: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate rows (sorted), per side an upper bound of their best cell similarity
+        (their best found cell's, else τ less their dataset part), and τ per side: the k-th
+        value found; -inf when the search returned every cell, inf when it returned fewer
+        than k (an IVF search whose probed lists hold fewer cells)."""
+        found = ids >= 0
+        cells = [ids[j][found[j]] for j in range(2)]
+        owners = [self.rows.row_of_cell[c] for c in cells]
+        rows = distinct(np.concatenate(owners))[0]
+        tau = np.full(2, -np.inf, np.float32)
+        upper = np.empty((2, len(rows)), np.float32)
+        for j in range(2):
+            if not found[j].all():  # fewer than k returned: the rest were never looked at
+                tau[j] = np.inf
+            elif k < self.num_cells:
+                tau[j] = sims[j][-1]
+            upper[j] = tau[j] - shift[self.row_dataset[rows]]
+            # results come best first, so a row's first found cell is its best
+            owner, first = distinct(owners[j])
+            upper[j][np.searchsorted(rows, owner)] = (
+                sims[j][found[j]][first] - shift[self.cell_dataset[cells[j][first]]])
+        return rows, upper, tau
+
+    def _cut(self, s: RowScores, ds: np.ndarray, out_of: np.ndarray, top: int,
+             cap: int | None) -> float:
+        """The top-th exact score among the hits scored so far (-inf while fewer)."""
+        hit = ~out_of[self.row_dataset[s.rows]]
+        score = ((s.input_score + s.output_score + ds[self.row_dataset[s.rows]]) / 3)[hit]
+        order = np.argsort(-score, kind="stable")
+        order = order[cap_per_group(self.row_dataset[s.rows[hit]][order], cap)]
+        return float(score[order[top - 1]]) if len(order) >= top else -np.inf
+
+    def _result(self, s: RowScores, ds: np.ndarray, out_of: np.ndarray, top: int,
+                cap: int | None, with_vectors: bool, bound: float, complete: bool) -> dict:
+        row_ds = ds[self.row_dataset[s.rows]]
+        score = (s.input_score + s.output_score + row_ds) / 3
+        order = rank_order(score, self.rows.row_key[s.rows])
+        excluded = out_of[self.row_dataset[s.rows]]
         keep = order[~excluded[order]]
-        keep = keep[cap_per_group(self.row_dataset[rows[keep]], cap)]
-        cut_off, keep = len(keep) > top, keep[:top]
+        keep = keep[cap_per_group(self.row_dataset[s.rows[keep]], cap)]
+        complete, keep = complete and len(keep) <= top, keep[:top]
         dropped = order[excluded[order]][:top]
-        bound = (floor.sum(axis=1) + ds_by_code) / 3
-        bound = bound[~excluded_code & np.isfinite(bound)]
         return {
-            "rows": rows[keep], "score": score[keep], "input_score": s.input_score[keep],
-            "output_score": s.output_score[keep], "dataset_score": ds[keep],
-            "best_input_cell": s.best_input_cell[keep],
-            "best_output_cell": s.best_output_cell[keep],
-            "row_key": self.rows.row_key[rows[keep]],
-            "dataset": self.dataset_names[self.row_dataset[rows[keep]]],
-            "excluded": {"row_key": self.rows.row_key[rows[dropped]],
-                         "dataset": self.dataset_names[self.row_dataset[rows[dropped]]],
-                         "score": score[dropped]},
-            "bound": float(bound.max()) if len(bound) else -np.inf,  # best unfound row
-            "candidates": len(rows),
-            # every row that could be a hit was scored and returned
-            "complete": len(bound) == 0 and not pruned and not cut_off,
+            "hits": self._frame(s, row_ds, score, keep, with_vectors),
+            "excluded": {"row_key": self.rows.row_key[s.rows[dropped]].tolist(),
+                         "dataset": self.dataset_names[self.row_dataset[s.rows[dropped]]].tolist(),
+                         "score": score[dropped].tolist()},
+            "bound": bound,
+            "candidates": len(s.rows),
+            "complete": complete,
         }
 
-    def _prune(self, sims: np.ndarray, ids: np.ndarray, tau: np.ndarray,
-               ds_by_code: np.ndarray, excluded_code: np.ndarray, top: int,
-               cap: int | None) -> tuple[np.ndarray, bool]:
-        """The candidate rows worth scoring exactly. The search already gives the similarity
-        of the cells it found (exact for Flat-coded indexes, close otherwise), so a candidate
-        row's score lies between (found in + found out + ds) / 3, a missing side counting as
-        -1, and the same with each side raised to at least τ, the k-th similarity found (its
-        other cells were not found, so they are below τ). Rows whose upper bound is below
-        the top-th lower bound cannot make the top and are left out. No pruning with a
-        per-dataset cap, or when the index is not Flat-coded (its similarities are
-        estimates). Returns the rows and whether any was left out."""
-        found = ids >= 0
-        rows = self.rows.rows_of(ids.ravel())
-        if cap is not None or not self._exact_sims or len(rows) <= top:
-            return rows, False
-        best = np.full((2, len(rows)), -1.0, dtype=np.float32)
-        for j in range(2):
-            pos = np.searchsorted(rows, self.rows.row_of_cell[ids[j][found[j]]])
-            np.maximum.at(best[j], pos, sims[j][found[j]])
-        ds = ds_by_code[self.row_dataset[rows]]
-        lower = (best[0] + best[1] + ds) / 3
-        upper = (np.maximum(best[0], tau[0]) + np.maximum(best[1], tau[1]) + ds) / 3
-        excluded = excluded_code[self.row_dataset[rows]]
-        keep = np.ones(len(rows), dtype=bool)
-        for members in (~excluded, excluded):  # the hits, and the excluded rows reported
-            lo = lower[members]
-            if len(lo) > top:
-                cut = np.partition(lo, len(lo) - top)[len(lo) - top]
-                keep[members] = upper[members] >= cut
-        return rows[keep], not keep.all()
-
-    @staticmethod
-    def _kth(sims: np.ndarray, k: int, size: int) -> np.ndarray:
-        """The bound on the similarity of cells not found: the k-th found, or -inf when the
-        search covered every cell."""
-        if k >= size:
-            return np.full(2, -np.inf, np.float32)
-        return np.maximum(sims[:, k - 1], -1.0)  # FAISS pads missing results with -FLT_MAX
-
-    def _selector(self, datasets: np.ndarray):
-        """FAISS search parameters restricting a search to the cells of `datasets` (a mask
-        over the shard's dataset codes), as a bitmap over the shard's cell ids."""
-        import faiss
-
-        bitmap = np.packbits(datasets[self._cell_dataset], bitorder="little")
-        sel = faiss.IDSelectorBitmap(self.num_cells, faiss.swig_ptr(bitmap))
-        if self._ivf is not None:
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=self._ivf.nprobe)
-        elif hasattr(self.index, "hnsw"):
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=self.index.hnsw.efSearch)
-        else:
-            params = faiss.SearchParameters(sel=sel)
-        params.keep_alive = (sel, bitmap)  # the Python objects must outlive the search
-        return params
-
-    def frame(self, found: dict, with_vectors: bool = False) -> dict[str, list]:
-        """Hits (HIT_COLUMNS, as lists) for rows chosen from `search` results (its
-        SCORE_FIELDS arrays, any subset of its rows): locations, scores, best columns and the
-        row as JSON. `with_vectors` adds each row's best input cell vector (for a diversity
-        re-rank)."""
-        rows = np.asarray(found["rows"], dtype=np.int64)
+    def _frame(self, s: RowScores, row_ds: np.ndarray, score: np.ndarray, keep: np.ndarray,
+               with_vectors: bool) -> dict[str, list]:
+        """Hits (HIT_COLUMNS, as lists) for the scored rows at positions `keep`: locations,
+        scores, best columns and the row as {column: value}."""
+        rows = s.rows[keep]
         cell_ids, run_starts = self.rows.cells_of(rows)
         columns = self.columns.take(pa.array(cell_ids)).to_pylist()
         values = self.values.take(pa.array(cell_ids)).to_pylist()
         bounds = np.append(run_starts, len(cell_ids))
         best = self.columns.take(pa.array(np.concatenate([
-            found["best_input_cell"], found["best_output_cell"]]).astype(np.int64))).to_pylist()
+            s.best_input_cell[keep], s.best_output_cell[keep]]).astype(np.int64))).to_pylist()
         out = {
             "row_key": self.rows.row_key[rows].tolist(),
             "dataset": self.dataset_names[self.row_dataset[rows]].tolist(),
             "config": self.row_config[rows].tolist(),
             "split": self.row_split[rows].tolist(),
             "row_idx": self.row_idx[rows].tolist(),
-            **{f: np.asarray(found[f], dtype=np.float32).tolist()
-               for f in ("score", "input_score", "output_score", "dataset_score")},
+            "score": score[keep].tolist(),
+            "input_score": s.input_score[keep].tolist(),
+            "output_score": s.output_score[keep].tolist(),
+            "dataset_score": row_ds[keep].tolist(),
             "best_input_column": best[:len(rows)],
             "best_output_column": best[len(rows):],
-            "row": [json.dumps(dict(zip(columns[a:b], values[a:b])), ensure_ascii=False)
-                    for a, b in pairwise(bounds)],
+            "row": [dict(zip(columns[a:b], values[a:b])) for a, b in pairwise(bounds)],
         }
         if with_vectors:
-            out["vector"] = list(np.asarray(self.vectors[np.asarray(
-                found["best_input_cell"], dtype=np.int64)]))
+            out["vector"] = list(np.asarray(self.vectors[s.best_input_cell[keep]]))
         return out
 
 
@@ -243,25 +221,27 @@ def _concat(a: RowScores, b: RowScores) -> RowScores:
 
 @ray.remote
 class ShardActor:
-    """A `Shard` loaded once (index and vectors memory-mapped) inside a Ray actor. Its calls
-    take a list of requests, so that one round trip serves a batch of queries."""
+    """A `Shard` loaded once (index and vectors memory-mapped, or read into memory) inside a
+    Ray actor. Its calls take a list of requests, so that one round trip serves a batch of
+    queries."""
 
     def __init__(self, datastore: str, shard: int, s3: S3Config | None = None,
-                 verify: str = "cached", search_params: str | None = None):
+                 verify: str = "cached", search_params: str | None = None, mmap: bool = True):
         import faiss
 
         from rebase_ray.datastore import Datastore
 
         faiss.omp_set_num_threads(1)  # two queries per search: threads only add overhead
         store = Datastore.open(datastore, s3, verify=verify)
-        self.shard = Shard(store.load_index(shard, search_params), store.load_vectors(shard),
-                           store.load_cells(shard))
+        sources = store.sources()
+        descriptions = {n: np.asarray(v, np.float32) for n, v in
+                        zip(sources["name"].to_pylist(), sources["vector"].to_pylist())}
+        self.shard = Shard(store.load_index(shard, search_params, mmap),
+                           store.load_vectors(shard, mmap), store.load_cells(shard),
+                           descriptions, store.load_basis(shard))
 
     def info(self) -> dict:
         return self.shard.info()
 
     def search(self, requests: list[dict]) -> list[dict]:
         return [self.shard.search(**r) for r in requests]
-
-    def frame(self, requests: list[tuple[dict, bool]]) -> list[dict[str, list]]:
-        return [self.shard.frame(found, with_vectors) for found, with_vectors in requests]

@@ -4,6 +4,7 @@ hash and intact files is kept and its summary returned."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -63,11 +64,11 @@ def retrieve(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
     finally:
         retriever.close()
 
-    hits = result.hits.assign(task=task.name)
-    st.write_parquet(st.join(out, HITS), pa.Table.from_pandas(
-        hits[HITS_SCHEMA.names], schema=HITS_SCHEMA, preserve_index=False))
-    st.write_parquet(st.join(out, DROPPED), pa.Table.from_pandas(
-        result.dropped, schema=DROPPED_SCHEMA, preserve_index=False))
+    hits = [{**h, "task": task.name, "row": json.dumps(h["row"], ensure_ascii=False)}
+            for h in result.hits]
+    st.write_parquet(st.join(out, HITS), pa.Table.from_pylist(hits, schema=HITS_SCHEMA))
+    st.write_parquet(st.join(out, DROPPED),
+                     pa.Table.from_pylist(result.dropped, schema=DROPPED_SCHEMA))
     summary = _summary(task, datastore, out, result, exclude, retriever, time.time() - start)
     st.write_manifest(out, {"stage": "retrieve", "config_hash": key, "task": task.name,
                             "datastore": datastore, "config": cfg.model_dump(mode="json"),
@@ -77,7 +78,8 @@ def retrieve(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
 
 def _summary(task: TaskConfig, datastore: str, out: str, result: Retrieval,
              exclude: dict[str, str], retriever: Retriever, wall_s: float) -> dict:
-    hits, dropped = result.hits, result.dropped
+    hits = pd.DataFrame(result.hits, columns=HITS_SCHEMA.names)
+    dropped = pd.DataFrame(result.dropped, columns=DROPPED_SCHEMA.names)
     scores = hits["score"].to_numpy(dtype=np.float64)
     quantiles = dict(zip(["min", "p25", "median", "p75", "max"],
                          np.quantile(scores, [0, .25, .5, .75, 1]).tolist())) if len(hits) else {}

@@ -15,7 +15,6 @@ trips to the shard actors (`Retriever.search_many`).
 """
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,8 +70,11 @@ class RetrieverServer:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        cache = self.retriever.embed
         return {"status": "ok", "datastore": self.datastore, "cells": self.retriever.num_cells,
-                "shards": len(self.retriever.shard_info)}
+                "shards": len(self.retriever.shard_info),
+                "embed_cache": {"texts": len(cache.vectors), "hits": cache.hits,
+                                "misses": cache.misses}}
 
     @api.post("/retrieve")
     async def retrieve(self, request: Request) -> dict[str, Any]:
@@ -80,10 +82,8 @@ class RetrieverServer:
         req = await self.guard.read_json(request, RetrieveRequest)
         start = time.perf_counter()
         result = await self.search_batch(req)
-        hits = result.hits.drop(columns=["config", "split", "row_idx"])
-        rows = hits.to_dict(orient="records")
-        for r in rows:
-            r["row"] = json.loads(r["row"])
+        rows = [{c: v for c, v in h.items() if c not in ("config", "split", "row_idx")}
+                for h in result.hits]
         return {"rows": rows, "candidates": result.candidates,
                 "took_ms": round(1000 * (time.perf_counter() - start), 2)}
 
