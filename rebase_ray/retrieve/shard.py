@@ -13,7 +13,8 @@ grouped by row. `search`:
    a side without one at most τ (the k-th value found on that side, less the dataset part);
 3. rescores exactly, from all of their cell vectors, the `RESCORE` · top candidates with the
    best upper bounds, then every candidate whose bound still reaches the top-th exact score:
-   the rows returned carry true cosines, and vectors are read for a few times `top` rows;
+   the rows returned carry true cosines, and vectors are read only for the candidates whose
+   bound reaches the top;
 4. builds the hits (locations, scores, the row as {column: value}) of its top rows.
 
 It also returns `bound`, the best score a row with no found cell could have, so that a
