@@ -23,7 +23,6 @@ endpoint). The exhaustive baseline runs after them, alone, on vectors held in me
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import time
@@ -37,7 +36,7 @@ import torch
 from index_build import real_vectors, scale
 
 from rebase_ray.config import IndexConfig, RetrieveConfig, config_hash
-from rebase_ray.datastore.build import SOURCES_SCHEMA, shard_name
+from rebase_ray.datastore.build import SOURCES_SCHEMA, npy_bytes, shard_name
 from rebase_ray.datastore.index import build_index, dataset_basis, with_datasets
 from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.models import cache_dir
@@ -64,6 +63,7 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
     rows = cells // CELLS_PER_ROW
     row_of = np.arange(cells) // CELLS_PER_ROW
     bounds = np.linspace(0, rows, shards + 1).astype(int) * CELLS_PER_ROW
+    basis = dataset_basis(desc, IndexConfig().dataset_dims)  # every shard holds every dataset
     entries = []
     for i in range(shards):
         a, b = bounds[i], bounds[i + 1]
@@ -77,14 +77,14 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
             "row_idx": pa.array(r, pa.int64()),
             "column": pa.array(["input" if j % 2 == 0 else "output" for j in range(a, b)]),
             "value": pa.array([f"text of cell {j}" for j in range(a, b)])}, schema=CELL_SCHEMA)
-        basis = dataset_basis(desc, IndexConfig().dataset_dims)
         t = time.perf_counter()
         index = build_index(with_datasets(vectors[a:b], (desc @ basis)[code]), factory, 60_000)
         print(f"shard {i}: {b - a} cells, {factory} built in {time.perf_counter() - t:.0f}s")
         folder = st.join(str(out), "shards", shard_name(i))
         files = {}
         for name, data in (("index.faiss", faiss.serialize_index(index).tobytes()),
-                           ("vectors.npy", _npy(vectors[a:b])), ("basis.npy", _npy(basis))):
+                           ("vectors.npy", npy_bytes(vectors[a:b])),
+                           ("basis.npy", npy_bytes(basis))):
             files[f"shards/{shard_name(i)}/{name}"] = {
                 "sha256": st.write_bytes(st.join(folder, name), data), "bytes": len(data)}
         uri = st.join(folder, "cells.parquet")
@@ -109,12 +109,6 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
         "shards": entries, "files": {"sources.parquet": {"sha256": sha, "bytes": st.size(uri)}},
         "sources": {}, "note": "benchmark scale vectors, written by benchmarks/retrieval.py"})
     return str(out)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 def tasks(n: int, seed: int = 0) -> list[tuple[np.ndarray, list, list]]:

@@ -119,15 +119,17 @@ def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
             st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
         desc = _read_partition(st, staging, DESCRIPTIONS)
         dim = int(desc[VECTOR].type.list_size)
+        described = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
         todo_ids = [i for i in range(base, base + count) if i not in finished]
-        built = _build_shards(st, out, s3, staging, todo_ids, count, group, dim, cfg)
+        built = _build_shards(st, out, s3, staging, todo_ids, count, group, dim, described,
+                              cfg)
         st.delete(staging, recursive=True)
         shards += sorted([*finished.values(), *built], key=lambda s: s["id"])
         work["cells_embedded"] = sum(s["cells"] for s in built)
         work["descriptions_embedded"] = desc.num_rows
         work["shards_built"] = len(built)
         work["shards_resumed"] = len(finished)
-        source_rows = pa.concat_tables([source_rows, _source_table(todo, read, desc)])
+        source_rows = pa.concat_tables([source_rows, _source_table(todo, read, described)])
         rejects = pa.concat_tables([rejects, read.rejects])
         for s in todo:
             stats[s.name] = {**read.stats[s.name], "fingerprint": prints[s.name],
@@ -235,11 +237,14 @@ def _read_partition(st: Storage, staging: str, shard: int) -> pa.Table | None:
 
 
 def _build_shards(st: Storage, out: str, s3: S3Config | None, staging: str, ids: list[int],
-                  count: int, group: str, dim: int, cfg: IndexConfig) -> list[dict]:
+                  count: int, group: str, dim: int, described: dict[str, np.ndarray],
+                  cfg: IndexConfig) -> list[dict]:
     import ray
 
     task = ray.remote(build_shard).options(num_cpus=cfg.build_cpus)
-    pending = [task.remote(out, s3, staging, i, count, group, dim, cfg) for i in ids]
+    described = ray.put(described)
+    pending = [task.remote(out, s3, staging, i, count, group, dim, described, cfg)
+               for i in ids]
     built = []
     with tqdm(total=len(pending), desc="shard indexes", unit="shard", leave=False) as bar:
         while pending:
@@ -250,10 +255,10 @@ def _build_shards(st: Storage, out: str, s3: S3Config | None, staging: str, ids:
 
 
 def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int, group: str,
-                dim: int, cfg: IndexConfig) -> dict:
+                dim: int, described: dict[str, np.ndarray], cfg: IndexConfig) -> dict:
     """One shard (a Ray task): staged cells+vectors → cells.parquet, vectors.npy, basis.npy,
     index.faiss in a fixed row order (dataset, row_idx, column) that is also the FAISS id
-    order."""
+    order. `described`: the description vector of every source of the group."""
     import faiss
 
     faiss.omp_set_num_threads(max(1, int(cfg.build_cpus)))
@@ -268,12 +273,12 @@ def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int,
         cells = table.select(CELL_COLUMNS).cast(CELL_SCHEMA)
         vectors = column_vectors(table[VECTOR])
         rows = len(set(table["row_key"].to_pylist()))
-    basis, coords = _dataset_coords(st, staging, cells, dim, cfg.dataset_dims)
+    basis, coords = _dataset_coords(cells, described, dim, cfg.dataset_dims)
     factory = choose_factory(len(vectors), dim + basis.shape[1], cfg) if len(vectors) else "Flat"
     index = build_index(with_datasets(vectors, coords), factory, cfg.train_sample)
     folder = st.join(out, "shards", shard_name(i))
     blobs = {"index.faiss": faiss.serialize_index(index).tobytes(),
-             "vectors.npy": _npy(vectors), "basis.npy": _npy(basis)}
+             "vectors.npy": npy_bytes(vectors), "basis.npy": npy_bytes(basis)}
     files = {f"shards/{shard_name(i)}/cells.parquet": {
         "sha256": st.write_parquet(st.join(folder, "cells.parquet"), cells),
         "bytes": st.size(st.join(folder, "cells.parquet"))}}
@@ -288,26 +293,25 @@ def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int,
     return entry
 
 
-def _dataset_coords(st: Storage, staging: str, cells: pa.Table, dim: int, max_dims: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _dataset_coords(cells: pa.Table, described: dict[str, np.ndarray], dim: int,
+                    max_dims: int) -> tuple[np.ndarray, np.ndarray]:
     """The basis of the shard's source descriptions and each cell's coordinates in it."""
-    desc = _read_partition(st, staging, DESCRIPTIONS)
-    vectors = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
     encoded = pc.dictionary_encode(cells["dataset"]).combine_chunks()
     names, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
-    described = np.stack([vectors[n] for n in names]) if len(names) else np.zeros((0, dim))
-    basis = dataset_basis(described, max_dims)
-    return basis, (described @ basis).astype(np.float32)[codes]
+    vectors = np.stack([described[n] for n in names]) if names else np.zeros((0, dim))
+    basis = dataset_basis(vectors, max_dims)
+    return basis, (vectors @ basis).astype(np.float32)[codes]
 
 
-def _npy(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of a .npy file."""
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
 
 
-def _source_table(sources: list[SourceConfig], read: Any, desc: pa.Table) -> pa.Table:
-    vectors = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
+def _source_table(sources: list[SourceConfig], read: Any,
+                  vectors: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({
         "name": [s.name for s in sources],
         "description": [read.descriptions[s.name] for s in sources],

@@ -38,14 +38,14 @@ class CachedEmbedder:
         self.hits = self.misses = 0
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        if self.size == 0:
+        if self.size == 0 or not texts:
             return self.embed(texts)
         new = [t for t in dict.fromkeys(texts) if t not in self.vectors]
         if new:
             self.vectors.update(zip(new, np.asarray(self.embed(new), np.float32)))
         self.misses += len(new)
         self.hits += len(texts) - len(new)
-        out = np.stack([self.vectors[t] for t in texts]) if texts else None
+        out = np.stack([self.vectors[t] for t in texts])
         for t in texts:
             self.vectors.move_to_end(t)
         while len(self.vectors) > self.size:

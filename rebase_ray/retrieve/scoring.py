@@ -112,9 +112,10 @@ def rank_order(score: np.ndarray, row_key: np.ndarray) -> np.ndarray:
     ranked = neg[order]
     start = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
     end = np.r_[start[1:], len(order)]
+    keys = np.asarray(row_key, dtype=object)
     for a, b in zip(start[end - start > 1], end[end - start > 1]):
         tied = order[a:b]
-        order[a:b] = tied[np.argsort(np.asarray(row_key, dtype=object)[tied], kind="stable")]
+        order[a:b] = tied[np.argsort(keys[tied], kind="stable")]
     return order
 
 

@@ -96,8 +96,8 @@ class Shard:
                cap: int | None = None, with_vectors: bool = False) -> dict:
         """The shard's `top` rows by exact ReBase score among the candidates (module
         docstring) for `query`, the (3, dim) instruction, mean few-shot input and mean
-        few-shot output vectors (`Query.stacked`), as hits (HIT_COLUMNS lists, plus each row's best input cell vector with
-        `with_vectors`, for a diversity re-rank).
+        few-shot output vectors (`Query.stacked`), as hits (HIT_COLUMNS lists, plus each
+        row's best input cell vector with `with_vectors`, for a diversity re-rank).
 
         Rows of `exclude`d datasets are never hits; those that scored in the top are returned
         separately (`excluded`) so that the caller can report them. `cap` keeps at most that
@@ -116,13 +116,14 @@ class Shard:
         sims, ids = self.index.search(queries, k)
         shift = self.coords @ z  # what the index adds to the similarity of each dataset's cells
         rows, upper, tau = self._bounds(sims, ids, shift, k)
-        row_ds = ds[self.row_dataset[rows]]
-        order = np.argsort(-(upper[0] + upper[1] + row_ds), kind="stable")
-        first = order[:RESCORE * top]
+        best_possible = (upper[0] + upper[1] + ds[self.row_dataset[rows]]) / 3
+        order = np.argsort(-best_possible, kind="stable")
+        first, rest = order[:RESCORE * top], order[RESCORE * top:]
         s = score_rows(self.rows, self.vectors, rows[first], q_inputs, q_outputs)
-        cut = self._cut(s, ds, out_of, top, cap)
-        rest = order[len(first):]
-        rest = rest[(upper[0][rest] + upper[1][rest] + row_ds[rest]) / 3 >= cut]
+        _, score = self._scores(s, ds)
+        keep = self._ranked(s, score, out_of, cap)[2]
+        cut = float(score[keep[top - 1]]) if len(keep) >= top else -np.inf
+        rest = rest[best_possible[rest] >= cut]
         s = _concat(s, score_rows(self.rows, self.vectors, rows[rest], q_inputs, q_outputs))
         # a row with no found cell has every cell below τ on both sides (none when a side
         # returned every cell)
@@ -155,23 +156,24 @@ class Shard:
                 sims[j][found[j]][first] - shift[self.cell_dataset[cells[j][first]]])
         return rows, upper, tau
 
-    def _cut(self, s: RowScores, ds: np.ndarray, out_of: np.ndarray, top: int,
-             cap: int | None) -> float:
-        """The top-th exact score among the hits scored so far (-inf while fewer)."""
-        hit = ~out_of[self.row_dataset[s.rows]]
-        score = ((s.input_score + s.output_score + ds[self.row_dataset[s.rows]]) / 3)[hit]
-        order = np.argsort(-score, kind="stable")
-        order = order[cap_per_group(self.row_dataset[s.rows[hit]][order], cap)]
-        return float(score[order[top - 1]]) if len(order) >= top else -np.inf
-
-    def _result(self, s: RowScores, ds: np.ndarray, out_of: np.ndarray, top: int,
-                cap: int | None, with_vectors: bool, bound: float, complete: bool) -> dict:
+    def _scores(self, s: RowScores, ds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset score, ReBase row score) of the scored rows."""
         row_ds = ds[self.row_dataset[s.rows]]
-        score = (s.input_score + s.output_score + row_ds) / 3
+        return row_ds, (s.input_score + s.output_score + row_ds) / 3
+
+    def _ranked(self, s: RowScores, score: np.ndarray, out_of: np.ndarray, cap: int | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positions of the scored rows in rank order, whether each is of an excluded source,
+        and the hits in rank order (not excluded, within the cap)."""
         order = rank_order(score, self.rows.row_key[s.rows])
         excluded = out_of[self.row_dataset[s.rows]]
         keep = order[~excluded[order]]
-        keep = keep[cap_per_group(self.row_dataset[s.rows[keep]], cap)]
+        return order, excluded, keep[cap_per_group(self.row_dataset[s.rows[keep]], cap)]
+
+    def _result(self, s: RowScores, ds: np.ndarray, out_of: np.ndarray, top: int,
+                cap: int | None, with_vectors: bool, bound: float, complete: bool) -> dict:
+        row_ds, score = self._scores(s, ds)
+        order, excluded, keep = self._ranked(s, score, out_of, cap)
         complete, keep = complete and len(keep) <= top, keep[:top]
         dropped = order[excluded[order]][:top]
         return {
