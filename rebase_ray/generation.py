@@ -1,0 +1,357 @@
+"""Batched generation (optionally grammar-constrained) and batched log-likelihood: the one place
+the teacher backend, evaluation and IFD run a causal LM.
+
+- `generate(lm, prompts, ...)`: rendered prompts → completions, one `model.generate` call with
+  left padding. Per row: its own `max_new_tokens`, its own compiled grammar or none (a batch may
+  mix schemas and free rows), and an optional `cancelled()` callable that stops that row early
+  (a request that timed out or whose client went away). finish_reason is "stop" (end of
+  sequence or a stop string), "length" (cut by its max_new_tokens) or "abort" (cancelled).
+- `loglikelihood(lm, contexts, continuations)`: log P(continuation | context) summed over the
+  continuation's tokens, batched with right padding — lm-evaluation-harness's `loglikelihood`
+  (the continuation's tokens are those of context + continuation after the context's).
+- `Grammars`: xgrammar compilation per tokenizer, each schema compiled once (cached), with a
+  check that names any JSON-schema feature xgrammar would silently ignore.
+
+xgrammar masks logits on CPU through `GrammarMask`, a transformers LogitsProcessor built on
+xgrammar's matcher and bitmask primitives: unlike `xgrammar.contrib.hf.LogitsProcessor`, it
+leaves rows without a grammar unmasked, so one batch serves constrained and free requests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# JSON-schema keywords that the grammar enforces (or that only annotate). Anything else would
+# be ignored by xgrammar without a word, so it is refused with its name.
+SUPPORTED_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "enum",
+    "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minLength",
+    "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "minItems", "maxItems", "minProperties", "maxProperties",
+    # annotations
+    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+    "readOnly", "writeOnly",
+})
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")  # {name: schema}
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")  # [schema]
+_SCHEMA_VALUES = ("items", "additionalProperties")  # schema (or bool)
+
+
+class UnsupportedSchema(ValueError):
+    """A response format the grammar engine cannot enforce; the message names the feature."""
+
+
+def check_schema(schema: Any, path: str = "$") -> None:
+    """Raise UnsupportedSchema naming the first keyword the engine would not enforce."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise UnsupportedSchema(f"{path}: a JSON schema must be an object, got "
+                                f"{type(schema).__name__}")
+    for key, value in schema.items():
+        if key not in SUPPORTED_KEYWORDS:
+            raise UnsupportedSchema(f"the JSON-schema keyword {key!r} (at {path}) is not "
+                                    "supported by the grammar engine")
+        if key == "pattern" and "(?" in str(value):
+            raise UnsupportedSchema(f"the pattern at {path} uses a group construct '(?...)' "
+                                    "(lookaround, named or flagged groups), which the grammar "
+                                    "engine does not support")
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                check_schema(sub, f"{path}.{key}.{name}")
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{path}.{key}[{i}]")
+        elif key in _SCHEMA_VALUES:
+            check_schema(value, f"{path}.{key}")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What one row's output must be: a JSON schema, any JSON object, or one of `choices`."""
+
+    kind: str  # "json_schema" | "json_object" | "choice"
+    spec: str = ""  # canonical JSON of the schema or of the choices
+
+    @classmethod
+    def json_schema(cls, schema: dict) -> Constraint:
+        check_schema(schema)
+        return cls("json_schema", json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def json_object(cls) -> Constraint:
+        return cls("json_object")
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> Constraint:
+        choices = [str(c) for c in choices]
+        if not choices or any(not c for c in choices):
+            raise UnsupportedSchema("a choice list needs at least one non-empty string")
+        return cls("choice", json.dumps(choices))
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer with xgrammar; each constraint once."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]):
+        try:
+            import xgrammar as xgr
+        except ImportError as exc:  # pragma: no cover - the Makefile installs it
+            raise ImportError("structured outputs need xgrammar: pip install --no-deps "
+                              "'xgrammar>=0.2.8,<0.3' 'apache-tvm-ffi>=0.1.11'") from exc
+        self.xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=list(stop_token_ids))
+        self.compiler = xgr.GrammarCompiler(info)
+        self._cache: dict[Constraint, Any] = {}
+        self._lock = threading.Lock()
+
+    def compile(self, constraint: Constraint):
+        with self._lock:
+            grammar = self._cache.get(constraint)
+            if grammar is None:
+                grammar = self._compile(constraint)
+                self._cache[constraint] = grammar
+            return grammar
+
+    def _compile(self, c: Constraint):
+        if c.kind == "json_object":
+            return self.compiler.compile_builtin_json_grammar()
+        if c.kind == "choice":
+            options = " | ".join(json.dumps(s) for s in json.loads(c.spec))
+            return self.compiler.compile_grammar(f"root ::= {options}")
+        try:
+            return self.compiler.compile_json_schema(c.spec, any_whitespace=False)
+        except Exception as exc:  # xgrammar raises RuntimeError / InvalidJSONError subclasses
+            raise UnsupportedSchema(f"the grammar engine cannot compile this schema: {exc}"
+                                    ) from exc
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+
+def _grammar_mask_class():
+    """GrammarMask subclasses transformers' LogitsProcessor, imported on first use."""
+    import torch
+    import xgrammar as xgr
+    from transformers import LogitsProcessor
+
+    class GrammarMask(LogitsProcessor):
+        """Per-row xgrammar matchers; rows whose grammar is None are not masked."""
+
+        def __init__(self, grammars: list[Any], vocab_size: int):
+            self.matchers = [None if g is None else xgr.GrammarMatcher(g) for g in grammars]
+            self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
+            self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
+            self.first = True
+
+        def __call__(self, input_ids, scores):
+            if not self.first:
+                last = input_ids[:, -1].tolist()
+                for i in self.rows:
+                    if not self.matchers[i].is_terminated():
+                        self.matchers[i].accept_token(last[i])
+            self.first = False
+            active = [i for i in self.rows if not self.matchers[i].is_terminated()]
+            if not active:
+                return scores
+            for i in active:
+                self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
+            scores = scores.float() if scores.dtype != torch.float32 else scores
+            xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device),
+                                            indices=active)
+            return scores
+
+    return GrammarMask
+
+
+def _row_stop_class():
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowStop(StoppingCriteria):
+        """Stops row r once it has `limits[r]` new tokens or `cancelled[r]()` is true."""
+
+        def __init__(self, prompt_len: int, limits: list[int],
+                     cancelled: list[Callable[[], bool] | None]):
+            self.prompt_len, self.limits, self.cancelled = prompt_len, limits, cancelled
+
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids.shape[1] - self.prompt_len
+            done = [new >= lim or bool(c and c()) for lim, c in zip(self.limits, self.cancelled)]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return RowStop
+
+
+@dataclass
+class Generated:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "abort"
+
+
+class LM:
+    """A causal LM and its tokenizer, ready for batched generation and scoring."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.pad_id = tokenizer.pad_token_id
+        self._grammars: Grammars | None = None
+
+    @classmethod
+    def load(cls, ref: str, adapter: str | None = None, s3=None, device: str | None = None,
+             dtype: str = "auto", merge: bool = False) -> LM:
+        from rebase_ray.models import load_adapter, load_causal_lm
+
+        model, tok = load_causal_lm(ref, device=device, dtype=dtype)
+        if adapter:
+            model = load_adapter(model, adapter, s3, merge=merge)
+        return cls(model, tok)
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size,
+                                      sorted(self.eos_ids))
+        return self._grammars
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """A chat as the prompt text that generation continues (generation prompt added)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+
+
+def generate(lm: LM, prompts: list[str], *, max_new_tokens: int | Sequence[int],
+             temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int | None = None,
+             stop: Sequence[str] = (), constraints: Sequence[Constraint | None] | None = None,
+             cancelled: Sequence[Callable[[], bool] | None] | None = None,
+             ) -> list[list[Generated]]:
+    """`n` completions per rendered prompt, in one batched `generate` call.
+
+    `max_new_tokens` is one limit or one per prompt; `constraints` one per prompt (None: free);
+    `cancelled` one callable per prompt, polled after every token. Greedy decoding
+    (temperature 0) decodes once and repeats the answer n times."""
+    import torch
+
+    if not prompts:
+        return []
+    tok, model = lm.tokenizer, lm.model
+    limits = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int)
+              else [int(m) for m in max_new_tokens])
+    sample = temperature > 0
+    per_prompt = n if sample else 1
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = enc.to(model.device)
+    prompt_len = enc["input_ids"].shape[1]
+
+    def rows(values: Sequence[Any] | None) -> list[Any]:
+        values = list(values) if values is not None else [None] * len(prompts)
+        return [v for v in values for _ in range(per_prompt)]
+
+    row_cancel = rows(cancelled)
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max(limits), "do_sample": sample, "num_return_sequences": per_prompt,
+        "pad_token_id": lm.pad_id,
+        "stopping_criteria": [_row_stop_class()(prompt_len, rows(limits), row_cancel)]}
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tok)
+    if constraints is not None and any(c is not None for c in constraints):
+        grammars = [None if c is None else lm.grammars.compile(c) for c in rows(constraints)]
+        kwargs["logits_processor"] = [_grammar_mask_class()(grammars,
+                                                            model.config.vocab_size)]
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(**enc, **kwargs)
+    new_tokens = out[:, prompt_len:].tolist()
+    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+    results: list[list[Generated]] = []
+    for i, p_len in enumerate(prompt_tokens):
+        comps = [_completion(lm, new_tokens[r], int(p_len), limits[i], stop,
+                             row_cancel[r]) for r in range(i * per_prompt, (i + 1) * per_prompt)]
+        results.append(comps if sample else comps * n)
+    return results
+
+
+def _completion(lm: LM, tokens: list[int], prompt_tokens: int, limit: int, stop: Sequence[str],
+                cancelled: Callable[[], bool] | None) -> Generated:
+    aborted = cancelled is not None and cancelled()
+    count, ended = min(len(tokens), limit), False
+    for j, t in enumerate(tokens[:limit]):
+        if t in lm.eos_ids or t == lm.pad_id:
+            # a cancelled row is padded (the pad may be the EOS token): the pad is not its own
+            count, ended = (j, False) if aborted else (j + 1, t in lm.eos_ids)
+            break
+    text = lm.tokenizer.decode(tokens[:count], skip_special_tokens=True)
+    hits = [text.find(s) for s in stop if s in text]
+    if hits:
+        text, ended = text[:min(hits)], True
+    if aborted:
+        reason = "abort"
+    elif ended:
+        reason = "stop"
+    else:
+        reason = "length" if count >= limit else "stop"
+    return Generated(text=text, prompt_tokens=prompt_tokens, completion_tokens=count,
+                     finish_reason=reason)
+
+
+def loglikelihood(lm: LM, contexts: Sequence[str], continuations: Sequence[str],
+                  batch_size: int = 16, max_seq_len: int = 1024) -> list[tuple[float, int]]:
+    """[(log P(continuation | context), continuation tokens)] per pair, as lm-evaluation-harness
+    computes it: spaces at the end of the context move to the continuation, the continuation's
+    tokens are those of context + continuation after the context's, and contexts are cut from
+    the left to fit `max_seq_len`. Pairs are scored longest first in right-padded batches."""
+    import torch
+
+    tok, model = lm.tokenizer, lm.model
+    seqs: list[tuple[list[int], int]] = []  # (ids, number of continuation tokens at the end)
+    for context, cont in zip(contexts, continuations):
+        spaces = len(context) - len(context.rstrip(" "))
+        if spaces:
+            context, cont = context[:-spaces], context[-spaces:] + cont
+        ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
+        whole = tok(context + cont, add_special_tokens=False)["input_ids"]
+        n_cont = max(1, len(whole) - len(ctx_ids))
+        seqs.append((whole[-max_seq_len:], min(n_cont, max_seq_len - 1)))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        width = len(seqs[chunk[0]][0])
+        ids = torch.full((len(chunk), width), lm.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            s = seqs[i][0]
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(model.device),
+                           attention_mask=mask.to(model.device)).logits.float().cpu()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        token_lp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for row, i in enumerate(chunk):
+            length, n_cont = len(seqs[i][0]), seqs[i][1]
+            out[i] = (float(token_lp[row, length - 1 - n_cont: length - 1].sum()), n_cont)
+    return out
+
+
+def perplexity(logprob: float, tokens: int) -> float:
+    """exp(−mean token log-probability); NaN for no tokens."""
+    return math.exp(-logprob / tokens) if tokens else float("nan")
