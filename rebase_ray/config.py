@@ -214,6 +214,32 @@ class TeacherConfig(Strict):
     serve: ServeConfig = ServeConfig()
 
 
+class ReplyFormat(Strict):
+    """The shape teacher replies are constrained to (OpenAI `response_format` json_schema,
+    built from the task: labels → enum, strings with these maxLengths)."""
+
+    structured: bool = Field(
+        default=True, description="request a JSON schema; off: free text, parsed leniently "
+        "(for endpoints that refuse response_format)")
+    max_input_chars: int = Field(default=600, gt=0, description="maxLength of `input`")
+    max_answer_chars: int = Field(default=200, gt=0, description="maxLength of a non-label "
+                                  "`output`")
+    max_rationale_chars: int = Field(default=600, gt=0, description="maxLength of `rationale`")
+
+
+class LabelCheck(Strict):
+    """Label quality from a weak teacher (label tasks only), after an example is generated:
+    roundtrip: the teacher labels its own generated input (greedy, constrained to the label
+    set) and the example is kept only when that agrees with its label; vote: `votes` sampled
+    labels, and the majority label is kept when its share is at least `min_agreement`
+    (Prompt2Model's multi-vote); none: off. Every label request counts against the budget."""
+
+    mode: Literal["none", "roundtrip", "vote"] = "roundtrip"
+    votes: int = Field(default=5, gt=1, description="sampled labels per example (vote)")
+    min_agreement: float = Field(default=0.6, gt=0, le=1, description="majority share (vote)")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature (vote)")
+
+
 class TransformConfig(Strict):
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
@@ -225,6 +251,8 @@ class TransformConfig(Strict):
     max_row_chars: int = Field(default=2000, gt=0)
     max_output_chars: int = Field(default=2000, gt=0)
     near_duplicate_threshold: float = Field(default=0.7, gt=0, le=1)
+    reply: ReplyFormat = ReplyFormat()
+    label_check: LabelCheck = LabelCheck()
 
 
 class DistillConfig(Strict):
@@ -247,6 +275,11 @@ class DistillConfig(Strict):
     concurrency: int = Field(default=8, gt=0, description="teacher requests in flight")
     max_output_chars: int = Field(default=2000, gt=0)
     near_duplicate_threshold: float = Field(default=0.7, gt=0, le=1)
+    reply: ReplyFormat = ReplyFormat()
+    label_check: LabelCheck = Field(
+        default=LabelCheck(mode="none"), description="checks the labels of synthesized "
+        "examples; a synthesis then costs 1 + its label requests, and a tail domain "
+        "synthesizes as many as its quota pays for")
     seed: int = 0
 
     def plan_hash(self) -> str:

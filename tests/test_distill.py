@@ -77,10 +77,10 @@ def replay(prompt: str) -> str:
                        "output": "It sounds happy.\nAnswer: pos"})
 
 
-def configs(stages=2, budget=12, mode="balanced"):
+def configs(stages=2, budget=12, mode="balanced", **distill):
     return (DistillConfig(stages=stages, budget=budget, mode=mode, ifd_candidates=2,
                           ifd_batch_size=4, ifd_max_new_tokens=4, ifd_num_cpus=0.5,
-                          max_tokens=64, concurrency=4, synth_shots=2),
+                          max_tokens=64, concurrency=4, synth_shots=2, **distill),
             TrainConfig(model=TINY, max_steps=2, batch_size=2, max_seq_len=128,
                         cpus_per_worker=0.5, lora=LoraConfig(r=2, alpha=4)),
             EvaluateConfig(batch_size=4, max_new_tokens=4, num_cpus_per_actor=0.5))
@@ -222,15 +222,16 @@ def test_finished_run_costs_nothing_and_other_plans_are_refused(replay_run):
 
 
 def test_budget_and_resume_on_the_real_serve_teacher(ray_cluster, serve_port, tmp_path):
-    """The tiny random teacher answers noise: every rationale disagrees and every synthesis is
-    rejected, yet each call is spent — the endpoint sees exactly B calls, never more. Then
-    stage 2 is lost: the rerun redoes stage 2 only (2 more calls), not stage 1."""
+    """The tiny random teacher answers noise (free text here: `structured: false`): every
+    rationale disagrees and every synthesis is rejected, yet each call is spent — the endpoint
+    sees exactly B calls, never more. Then stage 2 is lost: the rerun redoes stage 2 only (2
+    more calls), not stage 1."""
     from rebase_ray.serve.teacher import local_teacher
     from rebase_ray.teacher.client import TeacherClient
 
     cfg = TeacherConfig(model=TINY, max_batch_size=8,
                         serve=ServeConfig(port=serve_port, num_cpus=0.5, route_prefix="/distill"))
-    distill_cfg, train_cfg, eval_cfg = configs(stages=2, budget=5)
+    distill_cfg, train_cfg, eval_cfg = configs(stages=2, budget=5, reply={"structured": False})
     out = str(tmp_path / "out")
     st, out = open_storage(out)
     with local_teacher(cfg, name="teacher-distill") as url:

@@ -41,7 +41,7 @@ from rebase_ray.config import (
 from rebase_ray.distill.domains import assign_domains, expected_domains, long_tail_stats
 from rebase_ray.distill.ifd import score_ifd
 from rebase_ray.distill.planner import stage_budgets, stage_quotas
-from rebase_ray.formats import checked_rationale, split_answer, student_target
+from rebase_ray.formats import student_target
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
@@ -52,8 +52,10 @@ from rebase_ray.teacher.prompts import (
     synthesis_messages,
 )
 from rebase_ray.text import NgramIndex, normalize
-from rebase_ray.transform.filters import Deduplicator, FilterContext, check
-from rebase_ray.transform.parse import ParseError, parse_example
+from rebase_ray.transform.filters import Deduplicator, FilterContext
+from rebase_ray.transform.judge import judge_example, judge_rationale
+from rebase_ray.transform.label_check import check_labels
+from rebase_ray.transform.schema import reply_formats
 
 CALL_COLUMNS = ["stage", "domain", "role", "kind", "example_id", "status", "reason", "detail",
                 "input", "output", "rationale", "ifd", "student_output", "teacher",
@@ -198,26 +200,57 @@ class Stage:
                 continue
             for r in left.to_dict(orient="records"):
                 jobs.append({"kind": use, "role": "tail", "row": r})
-            for k in range(self.quotas[domain] - len(left)):
+            for k in range((self.quotas[domain] - len(left)) // self._synthesis_cost()):
                 jobs.append({"kind": "synthesize", "role": "tail", "domain": domain,
                              "shots": self.shots(domain, k), "k": k})
-        asks = [j for j in jobs if j["kind"] != "select"]
-        prompts = [rationale_messages(run.task, j["row"]["input"], j["row"]["output"])
-                   if j["kind"] == "annotate"
-                   else synthesis_messages(run.task, j["domain"], j["shots"]) for j in asks]
         limit = max(0, min(run.budgets[self.stage - 1], run.cfg.budget - run.spent))
         client = TeacherClient(run.teacher_url, api_key=run.api_key,
                                concurrency=cfg.concurrency, max_requests=limit)
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                    "max_tokens": cfg.max_tokens, "seed": cfg.seed}
+        formats = reply_formats(run.task, cfg.reply)
         t0 = time.time()
-        replies = client.chat_many(prompts, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_tokens=cfg.max_tokens, seed=cfg.seed) if prompts else []
-        self.timing["teacher_s"] = round(time.time() - t0, 2)
+        replies: dict[int, Any] = {}
+        for kind, fmt, messages in (
+                ("annotate", "rationale", lambda j: rationale_messages(
+                    run.task, j["row"]["input"], j["row"]["output"])),
+                ("synthesize", "example", lambda j: synthesis_messages(
+                    run.task, j["domain"], j["shots"]))):
+            asks = [i for i, j in enumerate(jobs) if j["kind"] == kind]
+            if asks:
+                out = client.chat_many([messages(jobs[i]) for i in asks], **sampling,
+                                       **formats[fmt])
+                replies.update(zip(asks, out))
         dedup = self._deduplicator(roles)
-        answers = iter(replies)
-        calls = [self._call(j, None if j["kind"] == "select" else next(answers),
-                            client.model or "", dedup) for j in jobs]
+        calls = [self._call(j, replies.get(i), client.model or "", dedup)
+                 for i, j in enumerate(jobs)]
+        self._check_labels(client, calls)
+        self.timing["teacher_s"] = round(time.time() - t0, 2)
         stats = {**client.summary(), "limit": limit}
         return pd.DataFrame(calls, columns=CALL_COLUMNS), stats
+
+    def _synthesis_cost(self) -> int:
+        """Teacher calls per synthesized example: the synthesis and its label requests."""
+        check = self.run.cfg.label_check
+        if not self.run.task.labels or check.mode == "none":
+            return 1
+        return 1 + (1 if check.mode == "roundtrip" else check.votes)
+
+    def _check_labels(self, client: TeacherClient, calls: list[dict[str, Any]]) -> None:
+        """The label check on kept synthesized examples (label tasks): the teacher labels each
+        generated input again; its extra requests are spent from the same budget."""
+        run = self.run
+        kept = [c for c in calls if c["kind"] == "synthesize" and c["status"] == "kept"]
+        if not run.task.labels or not kept:
+            return
+        verdicts = check_labels(client, run.task, run.filters,
+                                [(c["input"], c["output"]) for c in kept],
+                                run.cfg.label_check, run.cfg.seed)
+        for c, v in zip(kept, verdicts):
+            if v.label is None:
+                c.update(status="rejected", reason=v.reason, detail=v.detail)
+            elif v.label != c["output"]:
+                c.update(output=v.label, rationale="")  # a generated one argued the old label
 
     def _deduplicator(self, roles: dict[str, tuple[str, pd.DataFrame]]) -> Deduplicator:
         """Knows every gathered input and the pool inputs of the tail domains, so that a
@@ -252,30 +285,17 @@ class Stage:
             return call
         call.update(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
         if job["kind"] == "annotate":
-            rationale, answer = checked_rationale(reply.text, call["output"],
-                                                  self.run.task.labels)
-            if not rationale:
-                call.update(reason="rationale_disagrees", detail=f"answered {answer[:100]!r}")
-            else:
-                call.update(status="kept", rationale=rationale)
+            v = judge_rationale(reply, call["output"], self.run.task.labels)
+            call.update(reason=v.reason, detail=v.detail, rationale=v.rationale,
+                        status="rejected" if v.reason else "kept")
             return call
-        try:
-            parsed = parse_example(reply.text)
-        except ParseError as exc:
-            call.update(reason="unparseable", detail=str(exc)[:500])
-            return call
-        rationale, answer = split_answer(parsed["output"])
-        example = {"input": parsed["input"], "output": parsed["output"], "answer": answer}
-        call.update(input=parsed["input"], output=answer, rationale=rationale,
+        v = judge_example(reply, self.run.filters)
+        call.update(input=v.input, output=v.output, rationale=v.rationale, detail=v.detail,
                     example_id=hashlib.sha256(
                         f"{self.run.task.name}\x1f{call['domain']}\x1f{self.stage}\x1f{job['k']}"
-                        f"\x1f{SYNTHESIS_VERSION}\x1f{parsed['input']}".encode()).hexdigest()[:16])
-        reason = check(example, self.run.filters) or dedup.check(call["example_id"],
-                                                                  parsed["input"])
-        if reason:
-            call.update(reason=reason, detail=parsed["output"][:500])
-        else:
-            call.update(status="kept", output=example["answer"])
+                        f"\x1f{SYNTHESIS_VERSION}\x1f{v.input}".encode()).hexdigest()[:16])
+        reason = v.reason or dedup.check(call["example_id"], v.input)
+        call.update(reason=reason, status="rejected" if reason else "kept")
         return call
 
 

@@ -5,7 +5,11 @@ of the prompt that made it, so a prompt change never mixes silently with older d
   example of the task, as JSON with `input` and `output`;
 - rationale (BalDistill / cot: annotate): input + gold output → a zero-shot rationale that
   ends with "Answer: <gold>";
-- synthesis (BalDistill, tail domains): a few examples of one domain → one new example.
+- synthesis (BalDistill, tail domains): a few examples of one domain → one new example;
+- classification (the label check): the task and its few-shot examples → the label of an input.
+
+The JSON shape each reply must have is also sent as a schema (`transform/schema.py`); the
+prompts name the same keys, so a teacher that ignores the schema still knows them.
 
 Retrieved text is untrusted: it is fenced between record tags and the prompt says to ignore
 instructions inside it.
@@ -15,12 +19,28 @@ from __future__ import annotations
 
 from rebase_ray.config import TaskConfig
 
-TRANSFORM_VERSION = "rebase-transform-v1"
-RATIONALE_VERSION = "rationale-v1"
-SYNTHESIS_VERSION = "synthesis-v1"
+TRANSFORM_VERSION = "rebase-transform-v2"
+RATIONALE_VERSION = "rationale-v2"
+SYNTHESIS_VERSION = "synthesis-v2"
+CLASSIFY_VERSION = "classify-v1"
 
-SYSTEM = ("You write training examples for a task. Reply with exactly one JSON object with the "
-          'keys "input" and "output", and nothing else.')
+
+def _keys(task: TaskConfig) -> list[str]:
+    return ["input", "rationale", "output"] if task.cot != "none" else ["input", "output"]
+
+
+def _system(task: TaskConfig) -> str:
+    keys = ", ".join(f'"{k}"' for k in _keys(task))
+    return (f"You write training examples for a task. Reply with exactly one JSON object with "
+            f"the keys {keys}, and nothing else.")
+
+
+def _reply_line(task: TaskConfig) -> str:
+    body = ", ".join(f'"{k}": "..."' for k in _keys(task))
+    line = f"Reply with only a JSON object: {{{body}}}"
+    if task.cot != "none":
+        line += ' ("rationale": brief reasoning that leads to the output)'
+    return line
 
 
 def cut(text: str, limit: int) -> str:
@@ -41,8 +61,8 @@ def _task_block(task: TaskConfig) -> str:
 
 def _format_rule(task: TaskConfig) -> str:
     if task.cot == "fewshot":
-        return ("The output must reason briefly, as the examples do, and end with the final "
-                "answer in the same way the examples end.")
+        return ("The rationale must reason briefly, as the examples do, and the output must "
+                "have the same form as the examples' final answers.")
     return "The output must have the same form as the examples' outputs."
 
 
@@ -58,9 +78,9 @@ def transformation_messages(task: TaskConfig, row: dict[str, str],
         "",
         "Using the information in the record, write ONE new example of the task above. "
         + _format_rule(task),
-        'Reply with only a JSON object: {"input": "...", "output": "..."}',
+        _reply_line(task),
     ])
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": _system(task)}, {"role": "user", "content": user}]
 
 
 def rationale_messages(task: TaskConfig, input_text: str, output: str) -> list[dict[str, str]]:
@@ -70,8 +90,8 @@ def rationale_messages(task: TaskConfig, input_text: str, output: str) -> list[d
         f"Input: {input_text.strip()}",
         f"Correct answer: {output.strip()}",
         "",
-        ("Explain step by step, in a few sentences, why this is the correct answer. "
-         f"End with a last line of the form 'Answer: {output.strip()}'."),
+        ("Explain step by step, in a few sentences, why this is the correct answer. Reply "
+         'with only a JSON object: {"rationale": "...", "answer": "..."}.'),
     ])
     return [{"role": "system", "content": "You explain answers to tasks briefly and correctly."},
             {"role": "user", "content": user}]
@@ -94,6 +114,15 @@ def synthesis_messages(task: TaskConfig, domain: str,
         *shots,
         f"Write ONE new example of the task for the domain '{domain}', different from the "
         "examples above. " + _format_rule(task),
-        'Reply with only a JSON object: {"input": "...", "output": "..."}',
+        _reply_line(task),
     ])
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": _system(task)}, {"role": "user", "content": user}]
+
+
+def classify_messages(task: TaskConfig, input_text: str) -> list[dict[str, str]]:
+    """The label check: the task's instruction, labels and few-shot examples, then one input
+    whose label the teacher gives (constrained to the label set)."""
+    lines = [_task_block(task), "Give the output for this input.",
+             f"Input: {input_text.strip()}"]
+    return [{"role": "system", "content": "You solve tasks. Reply with the output only."},
+            {"role": "user", "content": "\n".join(lines)}]

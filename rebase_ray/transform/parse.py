@@ -1,4 +1,6 @@
-"""Lenient, exact parsing of a teacher reply into {"input", "output"}.
+"""Lenient, exact parsing of a teacher reply into a JSON object ({"input", "output"} and an
+optional "rationale" for an example). A schema-constrained reply is plain JSON; free replies
+need the leniency.
 
 Recovered: JSON inside code fences, JSON followed or preceded by chatter, single-quoted
 (Python-literal) objects, trailing commas, non-string values (made strings). Anything else
@@ -66,8 +68,10 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def parse_example(reply: str) -> dict[str, str]:
-    """{"input": str, "output": str} from a teacher reply, or ParseError(reason)."""
+def parse_object(reply: str, required: tuple[str, ...],
+                 optional: tuple[str, ...] = ()) -> dict[str, str]:
+    """The first JSON object of a reply that has every `required` key (case-insensitive), as
+    {key: str} with the `optional` keys it has too; else ParseError(reason)."""
     if not reply or not reply.strip():
         raise ParseError("empty reply")
     candidates = [m.group(1) for m in _FENCE.finditer(reply)] + [reply]
@@ -79,10 +83,18 @@ def parse_example(reply: str) -> dict[str, str]:
                 continue
             seen_object = True
             keys = {str(k).strip().lower(): v for k, v in obj.items()}
-            if "input" in keys and "output" in keys:
-                return {"input": _text(keys["input"]), "output": _text(keys["output"])}
+            if all(k in keys for k in required):
+                return {k: _text(keys[k]) for k in (*required, *optional) if k in keys}
     if seen_object:
-        raise ParseError("JSON object without both 'input' and 'output' keys")
+        names = " and ".join(f"'{k}'" for k in required)
+        raise ParseError(f"JSON object without {'both ' if len(required) == 2 else ''}"
+                         f"{names} key{'s' if len(required) > 1 else ''}")
     if "{" in reply:
         raise ParseError("malformed JSON object")
     raise ParseError("no JSON object in the reply")
+
+
+def parse_example(reply: str) -> dict[str, str]:
+    """{"input": str, "output": str[, "rationale": str]} from a teacher reply, or
+    ParseError(reason)."""
+    return parse_object(reply, ("input", "output"), ("rationale",))

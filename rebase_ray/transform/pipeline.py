@@ -1,7 +1,9 @@
 """ReBase transformation as a Ray Data pipeline:
 
-    hits.parquet → prompts → teacher endpoint (TeacherClient, bounded concurrency) → parse →
-    filters → [annotate: second teacher call for a rationale] → parts → dedup → examples
+    hits.parquet → prompts → teacher endpoint (TeacherClient, bounded concurrency; replies
+    constrained to a JSON schema built from the task) → judge (parse, filters) →
+    [annotate: second teacher call for a rationale] → [label check: the teacher labels the
+    generated input again] → parts → dedup → examples
 
 Every hit ends as exactly one example or one reject (with its reason). Results are written in
 parts as they stream in, so an interrupted run resumes where it stopped: a hit whose result is
@@ -21,7 +23,6 @@ import pandas as pd
 import pyarrow as pa
 
 from rebase_ray.config import S3Config, SourceConfig, TaskConfig, TransformConfig
-from rebase_ray.formats import checked_rationale
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
@@ -34,8 +35,10 @@ from rebase_ray.teacher.prompts import (
 )
 from rebase_ray.text import NgramIndex
 from rebase_ray.transform.datacard import data_card
-from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext, check, split_output
-from rebase_ray.transform.parse import ParseError, parse_example
+from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext
+from rebase_ray.transform.judge import judge_example, judge_rationale
+from rebase_ray.transform.label_check import check_labels
+from rebase_ray.transform.schema import reply_formats
 
 RETRYABLE = {"teacher_error", "budget_exhausted"}
 RESULT_COLUMNS = ["example_id", "row_key", "dataset", "domain", "rank", "status", "reason",
@@ -71,15 +74,18 @@ class TeacherWorker:
         self.ctx = FilterContext(self.task, self.cfg.max_output_chars, eval_index)
         self.sampling = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
                          "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed}
+        self.formats = reply_formats(self.task, self.cfg.reply)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         hits = batch.to_dict(orient="records")
         rows = [row_for_prompt(h, self.cfg) for h in hits]
         prompts = [transformation_messages(self.task, r, self.cfg.max_value_chars)
                    for r, _ in rows]
-        replies = self.client.chat_many(prompts, **self.sampling)
+        replies = self.client.chat_many(prompts, **self.sampling, **self.formats["example"])
         results = [self._result(h, reply, was_cut) for h, reply, (_, was_cut)
                    in zip(hits, replies, rows)]
+        if self.task.labels:  # before annotation: a rationale argues the confirmed label
+            self._check_labels([r for r in results if r["status"] == "kept"])
         if self.task.cot == "annotate":
             self._annotate([r for r in results if r["status"] == "kept"])
         return pd.DataFrame(results, columns=RESULT_COLUMNS)
@@ -100,17 +106,10 @@ class TeacherWorker:
             return res
         res.update(reply=reply.text[:4000], prompt_tokens=reply.prompt_tokens,
                    completion_tokens=reply.completion_tokens, teacher=self.client.model or "")
-        try:
-            parsed = parse_example(reply.text)
-        except ParseError as exc:
-            res.update(reason="unparseable", detail=str(exc))
-            return res
-        rationale, answer = split_output(parsed["output"], self.task)
-        example = {"input": parsed["input"], "output": parsed["output"], "answer": answer}
-        reason = check(example, self.ctx)
-        res.update(input=parsed["input"], output=example["answer"], rationale=rationale)
-        if reason:
-            res.update(reason=reason, detail=parsed["output"][:500])
+        v = judge_example(reply, self.ctx)
+        res.update(input=v.input, output=v.output, rationale=v.rationale, detail=v.detail)
+        if v.reason:
+            res["reason"] = v.reason
         else:
             res["status"] = "kept"
         return res
@@ -119,7 +118,7 @@ class TeacherWorker:
         """BalDistill's rationale: the teacher explains the gold answer; a rationale whose own
         final answer disagrees is dropped with its example."""
         prompts = [rationale_messages(self.task, r["input"], r["output"]) for r in kept]
-        replies = self.client.chat_many(prompts, **self.sampling)
+        replies = self.client.chat_many(prompts, **self.sampling, **self.formats["rationale"])
         for r, reply in zip(kept, replies):
             r["requests"] += 0 if isinstance(reply, BudgetExceeded) else 1
             if isinstance(reply, Exception):
@@ -129,13 +128,28 @@ class TeacherWorker:
                 continue
             r["prompt_tokens"] += reply.prompt_tokens
             r["completion_tokens"] += reply.completion_tokens
-            rationale, answer = checked_rationale(reply.text, r["output"], self.task.labels)
-            if not rationale:
-                r.update(status="rejected", reason="rationale_disagrees",
-                         detail=f"rationale answered {answer[:100]!r}")
+            v = judge_rationale(reply, r["output"], self.task.labels)
+            if v.reason:
+                r.update(status="rejected", reason=v.reason, detail=f"rationale: {v.detail}")
                 continue
-            r["rationale"] = rationale
+            r["rationale"] = v.rationale
             r["prompt_version"] = f"{TRANSFORM_VERSION}+{RATIONALE_VERSION}"
+
+    def _check_labels(self, kept: list[dict[str, Any]]) -> None:
+        """The label check (transform.label_check): a kept example whose label the teacher
+        does not confirm is rejected; a vote may relabel it."""
+        verdicts = check_labels(self.client, self.task, self.ctx,
+                                [(r["input"], r["output"]) for r in kept],
+                                self.cfg.label_check, self.cfg.seed)
+        for r, v in zip(kept, verdicts):
+            r["requests"] += v.requests
+            r["prompt_tokens"] += v.prompt_tokens
+            r["completion_tokens"] += v.completion_tokens
+            if v.label is None:
+                r.update(status="rejected", reason=v.reason, detail=v.detail)
+            elif v.label != r["output"]:
+                r["flags"] = json.dumps([*json.loads(r["flags"]), "relabelled"])
+                r.update(output=v.label, rationale="")  # a generated one argued the old label
 
 
 def _read_parts(st: Storage, out: str) -> pd.DataFrame:
