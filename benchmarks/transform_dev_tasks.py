@@ -1,14 +1,18 @@
 """ReBase transformation on two real dev tasks (SQuAD v1.1, SNLI) with a datastore built from
-the BIG-bench corpus and the bundled SmolLM2-135M teacher on Ray Serve (CPU).
+the BIG-bench corpus and the bundled SmolLM2-135M teacher on Ray Serve (CPU): replies
+constrained to the task's JSON schema (xgrammar) against free decoding, in the same run.
 
     .venv/bin/python benchmarks/transform_dev_tasks.py [--rows 32] [--source-rows 10]
 
 For each task: few-shot examples and the eval set (used by the contamination filters) come
 from ../shared/data/tasks; the datastore holds `--source-rows` rows of every task.json in
 ../shared/data/corpora/bigbench_subset (cached between runs); the task's top `--rows` rows are
-retrieved, then transformed through the served teacher. Prints and writes
-(benchmarks/results/transform_dev_tasks.json): yield (kept / retrieved), rejects by reason,
-seconds per example and teacher tokens per example.
+retrieved, then transformed through the served teacher twice, `reply.structured` on and off
+(the label check off in both, so the format alone differs). Prints and writes
+(benchmarks/results/transform_dev_tasks.json), per task and decoding: yield (kept /
+retrieved), rejects by reason, the kept label distribution beside the few-shot examples',
+seconds and teacher tokens per example, teacher completion tokens/s; and the constrained/free
+ratios of yield and tokens/s.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,26 +120,45 @@ def main() -> None:
             out = tmp / name
             hits = retrieve(task, str(store), str(out / "retrieve"),
                             RetrieveConfig(top_n=args.rows))
-            s = transform(task, str(out / "retrieve"), url, str(out / "transform"),
-                          TransformConfig(), sources=sources)
-            kept = json.loads((out / "transform" / "stats.json").read_text())
+            runs = {}
+            for decoding, structured in (("constrained", True), ("free", False)):
+                cfg = TransformConfig(reply={"structured": structured},
+                                      label_check={"mode": "none"})
+                s = transform(task, str(out / "retrieve"), url,
+                              str(out / f"transform-{decoding}"), cfg, sources=sources)
+                runs[decoding] = {
+                    "retrieved": s["counts"]["retrieved"], "kept": s["counts"]["kept"],
+                    "yield": s["counts"]["yield"], "rejects_by_reason": s["rejects_by_reason"],
+                    "per_label": s["per_label"],
+                    "seconds_per_example": s["seconds_per_example"],
+                    "tokens_per_example": s["teacher"]["tokens_per_example"],
+                    "teacher_requests": s["teacher"]["requests"],
+                    "completion_tokens_per_s": round(
+                        s["teacher"]["completion_tokens"] / max(s["wall_s"], 1e-9), 2),
+                    "wall_s": s["wall_s"]}
+                print(json.dumps({name: {decoding: runs[decoding]}}, indent=2), flush=True)
+            c, f = runs["constrained"], runs["free"]
             results["tasks"][name] = {
-                "retrieved": s["counts"]["retrieved"], "kept": s["counts"]["kept"],
-                "yield": s["counts"]["yield"], "rejects_by_reason": s["rejects_by_reason"],
-                "seconds_per_example": s["seconds_per_example"],
-                "tokens_per_example": s["teacher"]["tokens_per_example"],
-                "teacher_requests": s["teacher"]["requests"],
+                **runs, "fewshot_labels": dict(Counter(e.output for e in task.examples))
+                if task.labels else {},
                 "top_sources": sorted(hits["rows_per_dataset"], key=lambda d: -d["rows"])[:5],
-                "per_label": kept.get("per_label", {}), "wall_s": s["wall_s"]}
-            print(json.dumps({name: results["tasks"][name]}, indent=2), flush=True)
+                "ratio_yield": round(c["yield"] / f["yield"], 2) if f["yield"] else None,
+                "ratio_tokens_per_s": round(c["completion_tokens_per_s"]
+                                            / max(f["completion_tokens_per_s"], 1e-9), 2),
+                "ratio_wall": round(c["wall_s"] / max(f["wall_s"], 1e-9), 2)}
     ray.shutdown()
     results["load_avg_1m"] = os.getloadavg()[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "transform_dev_tasks.json").write_text(json.dumps(results, indent=2) + "\n")
     for name, r in results["tasks"].items():
-        print(f"{name}: yield {r['kept']}/{r['retrieved']} = {r['yield']:.1%}; "
-              f"{r['seconds_per_example']:.2f} s and {r['tokens_per_example']:.0f} teacher "
-              f"tokens per example; rejects {r['rejects_by_reason']}")
+        for decoding in ("constrained", "free"):
+            d = r[decoding]
+            print(f"{name} {decoding}: yield {d['kept']}/{d['retrieved']} = {d['yield']:.1%}; "
+                  f"{d['seconds_per_example']:.2f} s and {d['tokens_per_example']:.0f} teacher "
+                  f"tokens per example, {d['completion_tokens_per_s']} tokens/s; rejects "
+                  f"{d['rejects_by_reason']}; labels {d['per_label']}")
+        print(f"{name} constrained/free: yield x{r['ratio_yield']}, tokens/s "
+              f"x{r['ratio_tokens_per_s']}, wall x{r['ratio_wall']}")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rebase_ray.config import ConfigError
+from rebase_ray.config import ConfigError, RayConfig
 from rebase_ray.models import ModelError
+from rebase_ray.runtime import init_ray
 from rebase_ray.storage import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -197,7 +198,6 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Fine-tune the student with LoRA on Ray Train (budgets, checkpoints, fault tolerance)."""
-    import ray
 
     from rebase_ray.config import TrainConfig, load_pipeline, load_task, validate
     from rebase_ray.train import train_student
@@ -208,9 +208,7 @@ def train(
         data.update({k: v for k, v in {"max_steps": max_steps, "model": model,
                                         "num_workers": workers}.items() if v is not None})
         cfg = validate(data, TrainConfig, "train options")
-        if pipe and not ray.is_initialized():
-            ray.init(address=pipe.ray.address, num_cpus=pipe.ray.num_cpus,
-                     num_gpus=pipe.ray.num_gpus)
+        init_ray(pipe.ray if pipe else None)
         summary = train_student(examples, load_task(task), cfg, out, s3=pipe.s3 if pipe else None)
         return summary if as_json else {k: v for k, v in summary.items() if k != "loss_curve"}
 
@@ -292,8 +290,6 @@ def distill(
     import contextlib
     import os
 
-    import ray
-
     from rebase_ray.config import load_pipeline
     from rebase_ray.distill import distill as run_distill
     from rebase_ray.serve.teacher import local_teacher
@@ -307,9 +303,7 @@ def distill(
         dest = out or Storage.join(pipe.storage_root, "distill")
         url = teacher or pipe.teacher.url or "local"
         key = pipe.teacher.api_key or os.environ.get("REBASE_RAY_API_KEY")
-        if not ray.is_initialized():
-            ray.init(address=pipe.ray.address, num_cpus=pipe.ray.num_cpus,
-                     num_gpus=pipe.ray.num_gpus, log_to_driver=False)
+        init_ray(pipe.ray)
         with (local_teacher(pipe.teacher) if url == "local"
               else contextlib.nullcontext(url)) as base_url:
             return run_distill(pipe.task, pool, dest, pipe.distill, pipe.train, pipe.evaluate,
@@ -374,9 +368,7 @@ def serve_teacher(
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from None
         return
-    import ray
-
-    ray.init(address=address, log_to_driver=False)
+    init_ray(RayConfig(address=address))
     try:
         run_verb(run_teacher, cfg, lambda url: console.print(f"teacher at {url} (Ctrl+C stops)"),
                  title="rebase-ray serve teacher", as_json=as_json)
@@ -424,9 +416,7 @@ def serve_retriever(
     if print_config:
         typer.echo(yaml.safe_dump(serve_config(datastore, cfg), sort_keys=False), nl=False)
         return
-    import ray
-
-    ray.init(address=address, log_to_driver=False)
+    init_ray(RayConfig(address=address))
     run_verb(run_retriever, datastore, cfg,
              lambda url: console.print(f"retriever at {url}/retrieve (Ctrl+C stops)"),
              s3=pipe.s3 if pipe else None, title="rebase-ray serve retriever", as_json=as_json)

@@ -349,11 +349,12 @@ class PipelineConfig(Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
-    @model_validator(mode="after")
-    def _has_data(self) -> PipelineConfig:
+    def require_data(self, source: str = "pipeline.yaml") -> None:
+        """The index and retrieve stages need `sources` or an existing `datastore`; verbs
+        that start from examples (train, distill --examples, eval) do not."""
         if self.sources is None and self.datastore is None:
-            raise ValueError("give `sources` (a file or a list) or an existing `datastore` URI")
-        return self
+            raise ConfigError(f"{source}: give `sources` (a file or a list) or an existing "
+                              "`datastore` URI")
 
 
 # ----------------------------------------------------------------------------- loading

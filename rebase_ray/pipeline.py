@@ -18,6 +18,7 @@ from typing import Any
 
 from rebase_ray.config import PipelineConfig, config_hash
 from rebase_ray.retrieve.stage import HOW_NOT_WHAT
+from rebase_ray.runtime import init_ray
 from rebase_ray.storage import Storage, open_storage
 
 STAGES = ("index", "retrieve", "transform", "distill", "evaluate")
@@ -77,14 +78,6 @@ def teacher_endpoint(cfg: PipelineConfig) -> Iterator[str]:
         yield url
 
 
-def _init_ray(cfg: PipelineConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                 log_to_driver=False)
-
-
 def run(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
         on_stage: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """Run the pipeline (or the stages in `only`); returns a summary with one row per stage.
@@ -92,10 +85,12 @@ def run(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
     for stage in only or []:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    _init_ray(cfg)
+    todo = [s for s in STAGES if only is None or s in only]
+    if {"index", "retrieve"} & set(todo):
+        cfg.require_data()
+    init_ray(cfg.ray)
     r = Run(cfg)
     keys = r.keys()
-    todo = [s for s in STAGES if only is None or s in only]
     rows = []
     t_run = time.time()
     with contextlib.ExitStack() as stack:

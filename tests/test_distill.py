@@ -261,7 +261,8 @@ def test_cli_distill_on_a_finished_run(replay_run, tmp_path):
     from rebase_ray.cli import app
 
     distill_cfg, train_cfg, eval_cfg = configs()
-    pipeline = {"storage_root": str(tmp_path), "datastore": str(tmp_path / "unused"),
+    # no `sources` nor `datastore`: distill --examples reads neither
+    pipeline = {"storage_root": str(tmp_path),
                 "task": task(replay_run["eval"]).model_dump(mode="json"),
                 "distill": distill_cfg.model_dump(mode="json"),
                 "train": train_cfg.model_dump(mode="json"),

@@ -36,6 +36,7 @@ from rebase_ray.datastore.index import (
     with_datasets,
 )
 from rebase_ray.datastore.store import FORMAT_VERSION
+from rebase_ray.runtime import init_ray
 from rebase_ray.sources import (
     CELL_COLUMNS,
     CELL_SCHEMA,
@@ -75,11 +76,8 @@ class AssignShard:
 def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
                     s3: S3Config | None = None, force: bool = False) -> dict:
     """Build (or complete, or extend) the datastore at `out`; returns a summary."""
-    import ray
-
     start = time.time()
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+    init_ray()
     st, out = open_storage(out, s3)
     build_hash = cfg.build_hash()
     old = None if force else st.read_manifest(out)

@@ -14,6 +14,7 @@ import pyarrow as pa
 from rebase_ray.config import RetrieveConfig, S3Config, TaskConfig, config_hash
 from rebase_ray.retrieve.decontam import eval_ngrams, excluded_sources
 from rebase_ray.retrieve.retriever import Retrieval, Retriever
+from rebase_ray.runtime import init_ray
 from rebase_ray.storage import Storage, open_storage
 
 HITS = "hits.parquet"
@@ -36,8 +37,6 @@ HOW_NOT_WHAT = {"serve", "verify", "max_batch_size", "batch_wait_timeout_s", "sh
 def retrieve(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
              s3: S3Config | None = None, force: bool = False) -> dict:
     """Retrieve the task's top rows from the datastore; returns the stage summary."""
-    import ray
-
     start = time.time()
     st, out = open_storage(out, s3)
     _, datastore = open_storage(datastore, s3)
@@ -52,8 +51,7 @@ def retrieve(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
         st.verify(out, previous)
         return {**previous["summary"], "skipped": True}
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     retriever = Retriever(datastore, cfg, s3)
     try:
         query = retriever.query(task.instruction, [e.input for e in task.examples],

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from rebase_ray.config import S3Config, TaskConfig, TrainConfig
 from rebase_ray.formats import student_messages, student_target
+from rebase_ray.runtime import init_ray
 from rebase_ray.storage import Storage, split_uri
 
 IGNORE = -100
@@ -271,8 +272,7 @@ def train_student(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, 
     if not data:
         raise ValueError(f"no trainable examples: all {len(rows)} rows were rejected "
                          f"(see {st.join(out, 'train_rejects.jsonl')})")
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
 
     global_batch = cfg.batch_size * cfg.num_workers
     steps_per_epoch = math.ceil(len(data) / global_batch)
