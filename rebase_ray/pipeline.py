@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rebase_ray.config import PipelineConfig, config_hash
+from rebase_ray.config import ConfigError, PipelineConfig, config_hash
 from rebase_ray.retrieve.stage import HOW_NOT_WHAT
 from rebase_ray.runtime import init_ray
 from rebase_ray.storage import Storage, open_storage
@@ -116,6 +116,10 @@ def run(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
             r.record(stage, keys[stage], summary, wall)
             rows.append({"stage": stage, "status": "done", "wall_s": round(wall, 1),
                          "output": r.out(stage)})
+            problem = too_small(stage, summary)
+            if problem:
+                raise StageTooSmall(f"the run stops after {stage}: {problem} (its outputs: "
+                                    f"{r.out(stage)}; run manifest: {r.manifest_uri})")
     result: dict[str, Any] = {"storage_root": r.root, "stages": rows,
                               "wall_s": round(time.time() - t_run, 1)}
     final = r.manifest["stages"].get("evaluate", {}).get("summary")
@@ -123,6 +127,27 @@ def run(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
         result["metrics"] = final.get("metrics")
         result["report"] = final.get("report_html")
     return result
+
+
+class StageTooSmall(ConfigError):
+    """A stage's output is too small for the next stage: the run stops there, early, with the
+    reasons and what to change (a user-facing error, like a bad config)."""
+
+
+def too_small(stage: str, summary: dict) -> str | None:
+    """Why the run cannot go on after `stage`, or None."""
+    if stage == "retrieve" and summary["rows"] == 0:
+        excluded = [e["dataset"] for e in summary["excluded_sources"]]
+        return ("no row was retrieved (sources excluded by decontamination: "
+                f"{', '.join(excluded) or 'none'}); add sources related to the task")
+    if stage == "transform" and summary["counts"]["kept"] == 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["rejects_by_reason"].items())
+        return (f"the transformation kept 0 of {summary['counts']['retrieved']} retrieved rows "
+                f"(rejects: {reasons or 'none'}). To change: a stronger teacher (`teacher.url` "
+                "or `teacher.model`), more rows (`retrieve.top_n`), longer replies "
+                "(`transform.max_tokens`, if many are truncated), or "
+                "`transform.label_check.mode: none` (if most labels are unconfirmed)")
+    return None
 
 
 # --------------------------------------------------------------------------- stage bodies

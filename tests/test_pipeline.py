@@ -66,7 +66,10 @@ def write_project(tmp_path, teacher_url=None, stages=1):
 
 
 def replay(prompt: str) -> str:
-    """A teacher that writes a sports or a money example, and agreeing rationales."""
+    """A teacher that writes a sports or a money example, agreeing rationales, and labels
+    its own examples right (the label check)."""
+    if "Give the output for this input." in prompt:
+        return "sport" if "about sport" in prompt.rsplit("Input:", 1)[1] else "business"
     if "Correct answer: sport" in prompt:
         return "It is about a game.\nAnswer: sport"
     if "Correct answer: business" in prompt:
@@ -113,6 +116,25 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
 
         again = run(load_pipeline(path))  # everything up to date: no stage reruns
         assert {row["status"] for row in again["stages"]} == {"skipped (up to date)"}
+
+
+@pytest.mark.slow
+def test_run_stops_at_a_stage_that_yields_nothing(ray_cluster, tmp_path):
+    """A teacher whose every reply is unusable: `rebase-ray run` stops right after transform
+    with exit code 2, the reject reasons and what to change; distill never starts."""
+    from typer.testing import CliRunner
+
+    from rebase_ray.cli import app
+
+    with ReplayTeacher(lambda prompt: "I cannot help with that.") as teacher:
+        path = write_project(tmp_path, teacher_url=teacher.url)
+        result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.stderr.split())
+    assert "the run stops after transform" in message
+    assert "kept 0 of" in message and "unparseable" in message and "teacher.url" in message
+    stages = json.loads((tmp_path / "artifacts" / "run.json").read_text())["stages"]
+    assert set(stages) == {"index", "retrieve", "transform"}
 
 
 @pytest.fixture()
