@@ -208,6 +208,9 @@ class TeacherConfig(Strict):
     served_model_name: str | None = Field(default=None, description="default: the model ref")
     max_batch_size: int = Field(default=8, gt=0)
     batch_wait_timeout_s: float = Field(default=0.1, ge=0)
+    max_tokens_limit: int = Field(
+        default=2048, gt=0, description="the most max_tokens / max_completion_tokens a request "
+        "to our Serve teacher may ask for (400 above)")
     max_model_len: int | None = Field(default=None, gt=0, description="vLLM's max_model_len")
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch threads per replica; None: its CPUs rounded up")
@@ -244,7 +247,8 @@ class TransformConfig(Strict):
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     seed: int = 0
-    max_tokens: int = Field(default=256, gt=0)
+    max_tokens: int = Field(default=384, gt=0, description="room for a reply of the "
+                            "default schema (reply.max_*_chars)")
     concurrency: int = Field(default=8, gt=0)
     max_requests: int | None = Field(default=None, gt=0, description="hard budget on calls")
     max_value_chars: int = Field(default=250, gt=0)
@@ -271,7 +275,7 @@ class DistillConfig(Strict):
     ifd_num_gpus: float = Field(default=0, ge=0)
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
-    max_tokens: int = Field(default=256, gt=0, description="teacher reply length")
+    max_tokens: int = Field(default=384, gt=0, description="teacher reply length")
     concurrency: int = Field(default=8, gt=0, description="teacher requests in flight")
     max_output_chars: int = Field(default=2000, gt=0)
     near_duplicate_threshold: float = Field(default=0.7, gt=0, le=1)
@@ -316,8 +320,12 @@ class TrainConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=8, gt=0, description="examples per generate call, and "
+                            "(prompt, label) pairs per log-likelihood forward pass")
     max_new_tokens: int = Field(default=64, gt=0)
+    max_seq_len: int = Field(
+        default=1024, gt=1, description="tokens of prompt + label when labels are ranked by "
+        "log-likelihood; a longer prompt is cut from the left")
     num_actors: int = Field(default=1, gt=0)
     num_cpus_per_actor: float = Field(default=1, gt=0)
     num_gpus_per_actor: float = Field(default=0, ge=0)

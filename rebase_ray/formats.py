@@ -14,6 +14,7 @@ from rebase_ray.text import normalize
 
 ANSWER_PREFIX = "Answer:"
 _ANSWER_LINE = re.compile(r"(?im)^\s*(?:final\s+)?answer\s*:\s*")
+_TARGET_ANSWER_LINE = re.compile(rf"(?m)^{ANSWER_PREFIX}")
 _ANSWER_IS = re.compile(
     r"(?i)\b(?:so\s+)?the\s+(?:final\s+|correct\s+|right\s+)?answer\s+is\s*:?\s*")
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n?(.*?)```", re.DOTALL)
@@ -58,21 +59,30 @@ def checked_rationale(reply: str, gold: str, labels: list[str] | None) -> tuple[
 
     A reply without an answer marker that puts the answer on its first line and the reasoning
     after it ("C\n\nExplanation: ...") counts, the first line as the answer. Label answers
-    agree as the evaluation scores them (`accuracy_score`: the one label named, a choice
-    letter); other answers after text normalisation."""
+    agree as the evaluation's gen_flexible scores them (`flexible_score`: the one label named,
+    a choice letter); other answers after text normalisation."""
     # imported here: rebase_ray.evaluate imports this module
-    from rebase_ray.evaluate.metrics import accuracy_score
+    from rebase_ray.evaluate.metrics import flexible_score
 
     rationale, answer = split_answer(reply)
     if not rationale and "\n" in answer:
         answer, rationale = (part.strip() for part in answer.split("\n", 1))
-    agrees = (accuracy_score(answer, gold, labels) == 1.0 if labels
+    agrees = (flexible_score(answer, gold, labels) == 1.0 if labels
               else normalize(answer) == normalize(gold))
     return (rationale if agrees else ""), answer
 
 
 def final_answer(text: str) -> str:
     return split_answer(text)[1]
+
+
+def strict_answer(text: str) -> str:
+    """The final answer in exactly the format the student learns (`student_target`): the text
+    after the last line that starts with "Answer:", else the whole text; only surrounding
+    whitespace removed (no quotes, periods or other markers)."""
+    text = text or ""
+    ends = [m.end() for m in _TARGET_ANSWER_LINE.finditer(text)]
+    return (text[ends[-1]:] if ends else text).strip()
 
 
 def _clean(answer: str) -> str:

@@ -76,12 +76,13 @@ class Constraint:
     """What one row's output must be: a JSON schema, any JSON object, or one of `choices`."""
 
     kind: str  # "json_schema" | "json_object" | "choice"
-    spec: str = ""  # canonical JSON of the schema or of the choices
+    spec: str = ""  # the schema or the choices as JSON
 
     @classmethod
     def json_schema(cls, schema: dict) -> Constraint:
         check_schema(schema)
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        # keys keep their order: the grammar writes properties in the schema's order
+        return cls("json_schema", json.dumps(schema))
 
     @classmethod
     def json_object(cls) -> Constraint:
@@ -109,6 +110,13 @@ class Grammars:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=list(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info)
+        # Tokens holding a control byte (U+0000..U+001F). Constrained output never needs one
+        # (JSON is compiled without free whitespace; choices are plain strings), but xgrammar
+        # 0.2.9 lets them into strings with minLength/maxLength, which breaks strict JSON
+        # parsers: they are masked for every constrained row.
+        stops = set(stop_token_ids)
+        self.control_tokens = [i for i, b in enumerate(info.decoded_vocab)
+                               if i not in stops and any(c < 0x20 for c in b)]
         self._cache: dict[Constraint, Any] = {}
         self._lock = threading.Lock()
 
@@ -121,8 +129,8 @@ class Grammars:
             return grammar
 
     def _compile(self, c: Constraint):
-        if c.kind == "json_object":
-            return self.compiler.compile_builtin_json_grammar()
+        if c.kind == "json_object":  # OpenAI's json_object: any JSON object (not an array)
+            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if c.kind == "choice":
             options = " | ".join(json.dumps(s) for s in json.loads(c.spec))
             return self.compiler.compile_grammar(f"root ::= {options}")
@@ -146,10 +154,11 @@ def _grammar_mask_class():
     class GrammarMask(LogitsProcessor):
         """Per-row xgrammar matchers; rows whose grammar is None are not masked."""
 
-        def __init__(self, grammars: list[Any], vocab_size: int):
+        def __init__(self, grammars: list[Any], vocab_size: int, banned: list[int]):
             self.matchers = [None if g is None else xgr.GrammarMatcher(g) for g in grammars]
             self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
             self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
+            self.banned = torch.tensor(banned, dtype=torch.long)
             self.first = True
 
         def __call__(self, input_ids, scores):
@@ -167,6 +176,8 @@ def _grammar_mask_class():
             scores = scores.float() if scores.dtype != torch.float32 else scores
             xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device),
                                             indices=active)
+            rows = torch.tensor(active, device=scores.device)
+            scores[rows.unsqueeze(1), self.banned.to(scores.device)] = float("-inf")
             return scores
 
     return GrammarMask
@@ -210,6 +221,7 @@ class LM:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.pad_id = tokenizer.pad_token_id
         self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def load(cls, ref: str, adapter: str | None = None, s3=None, device: str | None = None,
@@ -223,10 +235,13 @@ class LM:
 
     @property
     def grammars(self) -> Grammars:
-        if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size,
-                                      sorted(self.eos_ids))
-        return self._grammars
+        """The grammar compiler for this tokenizer, made on first use (once, under a lock:
+        a server compiles while another batch generates)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size,
+                                          sorted(self.eos_ids))
+            return self._grammars
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """A chat as the prompt text that generation continues (generation prompt added)."""
@@ -273,8 +288,8 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int | Sequence[int],
         kwargs.update(stop_strings=list(stop), tokenizer=tok)
     if constraints is not None and any(c is not None for c in constraints):
         grammars = [None if c is None else lm.grammars.compile(c) for c in rows(constraints)]
-        kwargs["logits_processor"] = [_grammar_mask_class()(grammars,
-                                                            model.config.vocab_size)]
+        kwargs["logits_processor"] = [_grammar_mask_class()(
+            grammars, model.config.vocab_size, lm.grammars.control_tokens)]
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():

@@ -185,17 +185,18 @@ def _distill(r: Run, url: str | None) -> dict:
 
 
 def _evaluate(r: Run, _url: str | None) -> dict:
-    """The run's report: the base student (stage 1's baseline) against the final distilled
-    student on the eval set, the training data with the rows it came from, and the BalDistill
-    views. Reuses the distill stage's evaluations rather than running the models again."""
+    """The run's report: the final distilled student against the base student on the eval
+    set, both answered in one `evaluate` call (the one `rebase-ray eval` makes: the same
+    prompts, the adapter switched off for the base row), the training data with the rows it
+    came from, and the BalDistill views."""
     from rebase_ray.distill.stages import report_sections
-    from rebase_ray.evaluate import metric_rows
+    from rebase_ray.evaluate import evaluate, metric_rows
     from rebase_ray.evaluate.report import write_report
+    from rebase_ray.tasks import load_eval_set
 
     st, task = r.st, r.cfg.task
     distill_out = r.out("distill")
     result = st.read_json(st.join(distill_out, "distill.json"))
-    first = st.join(distill_out, "stage-1", "eval.json")
     last_dir = st.join(distill_out, f"stage-{result['num_stages']}")
     report: dict = {
         "title": f"rebase-ray — {task.name}", "task": task.model_dump(mode="json"),
@@ -203,14 +204,10 @@ def _evaluate(r: Run, _url: str | None) -> dict:
         "examples": st.read_parquet(st.join(r.out("transform"), "examples.parquet")).to_pylist(),
         "hits": st.read_parquet(st.join(r.out("retrieve"), "hits.parquet")).to_pylist(),
     }
-    if st.exists(st.join(last_dir, "eval.json")):
-        evaluation = st.read_json(st.join(last_dir, "eval.json"))
-        base = st.read_json(first)
-        if "base" in base["runs"]:  # the untrained student, evaluated once at stage 1
-            evaluation["runs"] = {"base": base["runs"]["base"], **evaluation["runs"]}
-            for pred, base_pred in zip(evaluation["predictions"], base["predictions"]):
-                pred["base"] = base_pred["base"]
-        report["evaluation"] = evaluation
+    records = load_eval_set(task, r.cfg.s3).records
+    if records:
+        report["evaluation"] = evaluate(task, records, r.cfg.train.model,
+                                        result.get("final_adapter"), r.cfg.evaluate, r.cfg.s3)
     if st.exists(st.join(last_dir, "train", "train_summary.json")):
         report["training"] = st.read_json(st.join(last_dir, "train", "train_summary.json"))
     out = r.out("evaluate")

@@ -109,16 +109,17 @@ def test_ifd_matches_a_direct_computation(ray_cluster):
                                  do_sample=False, pad_token_id=tok.pad_token_id)
         answer = tok.decode(gen[0, p.shape[1]:], skip_special_tokens=True)
         assert answer == row.student_output
-        a = tok(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
-        def ppl(prefix, a=a):
-            ids = torch.cat([prefix, a], dim=1)
-            labels = ids.clone()
-            labels[:, : prefix.shape[1]] = -100
+        def ppl(context: str, answer=answer) -> float:
+            # the answer's tokens are split from the context's as lm-evaluation-harness does
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            ids = tok(context + answer, add_special_tokens=False)["input_ids"]
+            labels = torch.tensor([ids])
+            labels[:, : len(ctx)] = -100
             with torch.no_grad():
-                return float(torch.exp(model(input_ids=ids, labels=labels).loss))
+                return float(torch.exp(model(input_ids=torch.tensor([ids]), labels=labels).loss))
 
-        conditional, alone = ppl(p), ppl(torch.tensor([[tok.bos_token_id]]))
+        conditional, alone = ppl(prompt), ppl(tok.bos_token)
         assert row.ppl_conditional == pytest.approx(conditional, rel=1e-4)
         assert row.ppl_alone == pytest.approx(alone, rel=1e-4)
         assert row.ifd == pytest.approx(conditional / alone, rel=1e-4)

@@ -1,6 +1,9 @@
-"""Evaluation: SQuAD EM/F1 on fixed cases, label normalisation, code in a sandboxed
-subprocess (pass / fail / timeout / memory limit), macro vs micro by hand, and batch inference
-through a Ray Data actor pool with a LoRA adapter read from S3."""
+"""Evaluation: SQuAD EM/F1 on fixed cases, label scores (log-likelihood ranking, acc vs
+acc_norm, the generated answer read strictly and flexibly), code in a sandboxed subprocess
+(pass / fail / timeout / memory limit), macro vs micro by hand, and batch inference through a
+Ray Data actor pool with a LoRA adapter read from S3: label log-likelihoods equal a forward
+pass by hand, and the base row of a run with an adapter equals the base model evaluated
+alone."""
 
 from __future__ import annotations
 
@@ -9,9 +12,19 @@ import pytest
 from rebase_ray.config import EvaluateConfig, TaskConfig
 from rebase_ray.evaluate import evaluate, metric_rows
 from rebase_ray.evaluate.code_exec import run_tests
-from rebase_ray.evaluate.metrics import accuracy_score, aggregate, squad_scores
+from rebase_ray.evaluate.metrics import (
+    aggregate,
+    flexible_score,
+    length_normalized,
+    ranked_scores,
+    squad_scores,
+    strict_score,
+)
 from rebase_ray.evaluate.run import score
+from rebase_ray.formats import strict_answer
 from rebase_ray.models import TINY
+
+LETTERS = ["A", "B", "C", "D"]
 
 
 @pytest.mark.parametrize("pred, golds, em, f1", [
@@ -28,15 +41,71 @@ def test_squad_exact_match_and_f1(pred, golds, em, f1):
     assert got["f1"] == pytest.approx(f1)
 
 
-def test_label_and_multiple_choice_accuracy():
+def test_flexible_reads_the_one_label_named():
     labels = ["entailment", "neutral", "contradiction"]
-    assert accuracy_score("Entailment.", "entailment", labels) == 1.0
-    assert accuracy_score("it is neutral here", "neutral", labels) == 1.0
-    assert accuracy_score("neutral or entailment", "neutral", labels) == 0.0  # two labels named
-    assert accuracy_score("contradiction", "neutral", labels) == 0.0
-    assert accuracy_score("(B)", "B") == 1.0
-    assert accuracy_score("b) Paris", "B") == 1.0
-    assert accuracy_score("C", "B") == 0.0
+    assert flexible_score("Entailment.", "entailment", labels) == 1.0
+    assert flexible_score("it is neutral here", "neutral", labels) == 1.0
+    assert flexible_score("neutral or entailment", "neutral", labels) == 0.0  # two labels named
+    assert flexible_score("contradiction", "neutral", labels) == 0.0
+    assert flexible_score("(B)", "B", LETTERS) == 1.0
+    assert flexible_score("b) Paris", "B", LETTERS) == 1.0
+    assert flexible_score("B: Paris", "B", LETTERS) == 1.0
+    assert flexible_score("C", "B", LETTERS) == 0.0
+
+
+def test_an_article_is_not_a_choice_letter():
+    assert flexible_score("(A)", "A", LETTERS) == 1.0
+    assert flexible_score("A.", "A", LETTERS) == 1.0
+    assert flexible_score("a good movie", "A", LETTERS) == 0.0
+    assert flexible_score("A good movie, I think", "A", LETTERS) == 0.0  # a sentence's first word
+    assert flexible_score("I would say a", "A", LETTERS) == 0.0
+
+
+def test_no_synonym_or_plural_maps_to_a_label():
+    labels = ["sport", "business"]
+    assert flexible_score("sport", "sport", labels) == 1.0
+    assert flexible_score("This is about sport.", "sport", labels) == 1.0
+    assert flexible_score("Sports", "sport", labels) == 0.0
+    assert flexible_score("a sports story", "sport", labels) == 0.0
+
+
+def test_strict_wants_exactly_the_trained_format():
+    def strict(reply: str, gold: str = "sport") -> float:
+        return strict_score(strict_answer(reply), gold)
+
+    assert strict("It is about a game.\nAnswer: sport") == 1.0
+    assert strict("  Sport \n") == 1.0                      # no rationale: the whole reply
+    assert strict("Answer: maybe\nAnswer: SPORT") == 1.0    # the last Answer: line
+    assert strict("Answer: sport.") == 0.0
+    assert strict("The answer is sport") == 0.0
+    assert strict("Answer: sport\nbecause of the match") == 0.0
+
+
+def test_acc_ranks_by_logprob_and_acc_norm_per_character():
+    labels = ["no", "maybe"]
+    logprobs = [-3.0, -4.0]  # "no" more likely; per character -1.5 vs -0.8: "maybe"
+    assert length_normalized(logprobs, labels) == [-1.5, -0.8]
+    assert ranked_scores(logprobs, labels, gold=1) == {"acc": 0.0, "acc_norm": 1.0}
+    assert ranked_scores(logprobs, labels, gold=0) == {"acc": 1.0, "acc_norm": 0.0}
+    task = TaskConfig(name="t", instruction="Say no or maybe.", labels=labels, answer="label",
+                      examples=[{"input": "x", "output": "no"}])
+    scored = score(task, {"input": "x", "output": "maybe"}, "Answer: maybe", EvaluateConfig(),
+                   logprobs)
+    assert scored["choice"] == "no" and scored["logprobs"] == {"no": -3.0, "maybe": -4.0}
+    assert (scored["acc"], scored["acc_norm"], scored["gen_strict"], scored["gen_flexible"]) == (
+        0.0, 1.0, 1.0, 1.0)
+
+
+def test_label_accuracy_needs_labels_that_include_every_gold_answer():
+    example = {"input": "Is a cat an animal?", "output": "yes"}
+    task = TaskConfig(name="yn", instruction="Answer yes or no.", labels=["yes", "no"],
+                      examples=[example], answer="label")
+    with pytest.raises(ValueError, match="'maybe' is not one of the labels"):
+        evaluate(task, [{"input": "Is it?", "output": "maybe"}], TINY, None, EvaluateConfig())
+    unlabelled = TaskConfig(name="yn", instruction="Answer yes or no.", examples=[example],
+                            metric="accuracy")
+    with pytest.raises(ValueError, match="needs the task's `labels`"):
+        evaluate(unlabelled, [example], TINY, None, EvaluateConfig())
 
 
 def test_code_runs_in_a_limited_subprocess():
@@ -64,49 +133,99 @@ def test_code_task_scores_pass_at_1_from_a_fenced_answer():
 
 
 def test_macro_and_micro_on_a_hand_computed_case():
-    rows = [{"domain": "a", "accuracy": 1.0}, {"domain": "a", "accuracy": 1.0},
-            {"domain": "a", "accuracy": 0.0}, {"domain": "b", "accuracy": 0.0}]
-    agg = aggregate(rows, ["accuracy"])
-    assert agg["domains"]["a"] == {"n": 3, "accuracy": pytest.approx(2 / 3)}
-    assert agg["domains"]["b"] == {"n": 1, "accuracy": 0.0}
-    assert agg["macro"]["accuracy"] == pytest.approx((2 / 3 + 0) / 2)  # 1/3
-    assert agg["micro"]["accuracy"] == pytest.approx(2 / 4)            # 1/2
+    rows = [{"domain": "a", "acc": 1.0}, {"domain": "a", "acc": 1.0},
+            {"domain": "a", "acc": 0.0}, {"domain": "b", "acc": 0.0}]
+    agg = aggregate(rows, ["acc"])
+    assert agg["domains"]["a"] == {"n": 3, "acc": pytest.approx(2 / 3)}
+    assert agg["domains"]["b"] == {"n": 1, "acc": 0.0}
+    assert agg["macro"]["acc"] == pytest.approx((2 / 3 + 0) / 2)  # 1/3
+    assert agg["micro"]["acc"] == pytest.approx(2 / 4)            # 1/2
 
 
-@pytest.mark.slow
-def test_evaluate_base_and_adapter_through_ray_data(ray_cluster, s3_bucket, tmp_path):
+YN = TaskConfig(name="yn", instruction="Answer yes or no.", labels=["yes", "no"],
+                examples=[{"input": "Is a cat an animal?", "output": "yes"}], answer="label")
+YN_RECORDS = [{"input": f"Is a {w} an animal?", "output": a, "domain": d}
+              for w, a, d in [("cat", "yes", "pets"), ("dog", "yes", "pets"),
+                              ("rock", "no", "things"), ("cup", "no", "things"),
+                              ("cow", "yes", "farm")]]
+
+
+@pytest.fixture(scope="module")
+def yn_runs(ray_cluster, s3_server, tmp_path_factory):
+    """The yes/no eval set evaluated twice: with a random LoRA adapter read from S3 (base and
+    trained rows), and the base model alone."""
+    import s3fs
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from rebase_ray.models import resolve
     from rebase_ray.storage import Storage
 
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server},
+                      skip_instance_cache=True).mkdir("test-eval-adapter")
+    s3_bucket = "s3://test-eval-adapter"
+    tmp = tmp_path_factory.mktemp("adapter")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve(TINY)), LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
-    model.save_pretrained(str(tmp_path / "adapter"))
+    model.save_pretrained(str(tmp / "adapter"))
     adapter = f"{s3_bucket}/adapter"
-    Storage.for_uri(adapter).upload_dir(str(tmp_path / "adapter"), adapter)
-
-    task = TaskConfig(name="yn", instruction="Answer yes or no.", labels=["yes", "no"],
-                      examples=[{"input": "Is a cat an animal?", "output": "yes"}], answer="label")
-    records = [{"input": f"Is a {w} an animal?", "output": a, "domain": d}
-               for w, a, d in [("cat", "yes", "pets"), ("dog", "yes", "pets"),
-                               ("rock", "no", "things"), ("cup", "no", "things"),
-                               ("cow", "yes", "farm")]]
+    Storage.for_uri(adapter).upload_dir(str(tmp / "adapter"), adapter)
     cfg = EvaluateConfig(batch_size=2, max_new_tokens=4, num_cpus_per_actor=0.5)
-    result = evaluate(task, records, TINY, adapter, cfg)
+    return {"adapter": evaluate(YN, YN_RECORDS, TINY, adapter, cfg),
+            "alone": evaluate(YN, YN_RECORDS, TINY, None, cfg)}
 
+
+@pytest.mark.slow
+def test_evaluate_base_and_adapter_through_ray_data(yn_runs):
+    result = yn_runs["adapter"]
     assert set(result["runs"]) == {"base", "trained"}
+    assert result["keys"] == ["acc", "acc_norm", "gen_strict", "gen_flexible"]
     assert result["n"] == 5 and len(result["predictions"]) == 5
-    assert [p["input"] for p in result["predictions"]] == [r["input"] for r in records]
+    assert [p["input"] for p in result["predictions"]] == [r["input"] for r in YN_RECORDS]
     for run in ("base", "trained"):
         assert set(result["runs"][run]["domains"]) == {"pets", "things", "farm"}
-        assert all(p[run]["accuracy"] in (0.0, 1.0) for p in result["predictions"])
-    # the random adapter changes the answers: the two runs really are different models
-    assert [p["base"]["prediction"] for p in result["predictions"]] != \
-        [p["trained"]["prediction"] for p in result["predictions"]]
+        for p in result["predictions"]:
+            scores = p[run]
+            assert set(scores["logprobs"]) == {"yes", "no"}
+            assert scores["choice"] == max(scores["logprobs"], key=scores["logprobs"].get)
+            assert scores["acc"] == float(scores["choice"] == p["output"])
+            assert all(scores[k] in (0.0, 1.0) for k in result["keys"])
+    # the random adapter changes the scores: the two runs really are different models
+    assert [p["base"]["logprobs"] for p in result["predictions"]] != \
+        [p["trained"]["logprobs"] for p in result["predictions"]]
     rows = metric_rows(result)
     assert {(r["run"], r["domain"]) for r in rows} >= {("base", "(macro)"), ("trained", "(micro)")}
+
+
+@pytest.mark.slow
+def test_base_row_equals_the_base_model_evaluated_alone(yn_runs):
+    with_adapter, alone = yn_runs["adapter"], yn_runs["alone"]
+    assert set(alone["runs"]) == {"base"}
+    assert with_adapter["runs"]["base"] == alone["runs"]["base"]
+    assert [p["base"] for p in with_adapter["predictions"]] == \
+        [p["base"] for p in alone["predictions"]]
+
+
+@pytest.mark.slow
+def test_label_logprobs_equal_a_forward_pass_by_hand(yn_runs):
+    import torch
+
+    from rebase_ray.formats import student_messages
+    from rebase_ray.models import load_causal_lm
+
+    model, tok = load_causal_lm(TINY)
+    for p in yn_runs["alone"]["predictions"]:
+        prompt = tok.apply_chat_template(student_messages(YN.instruction, p["input"]),
+                                         add_generation_prompt=True, tokenize=False)
+        context = tok(prompt, add_special_tokens=False)["input_ids"]
+        for label in YN.labels:
+            ids = tok(prompt + label, add_special_tokens=False)["input_ids"]
+            assert ids[: len(context)] == context and len(ids) > len(context)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            expected = sum(float(logp[j - 1, ids[j]]) for j in range(len(context), len(ids)))
+            assert p["base"]["logprobs"][label] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -132,4 +251,5 @@ def test_eval_verb_writes_the_report(ray_cluster, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["n"] == 2 and summary["eval_rejects"] == 1
     assert {r["domain"] for r in summary["metrics"]} == {"pets", "things", "(macro)", "(micro)"}
+    assert {"acc", "acc_norm", "gen_strict", "gen_flexible"} <= set(summary["metrics"][0])
     assert (tmp_path / "rep" / "report.html").exists()

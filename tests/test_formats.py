@@ -1,4 +1,11 @@
-from rebase_ray.formats import checked_rationale, extract_code, split_answer, student_target
+from rebase_ray.formats import (
+    checked_rationale,
+    extract_code,
+    final_answer,
+    split_answer,
+    strict_answer,
+    student_target,
+)
 
 
 def test_round_trip_with_rationale():
@@ -15,6 +22,14 @@ def test_markers():
         "Answer: first\nmore thought", "second")
     assert split_answer("just a span of text") == ("", "just a span of text")
     assert split_answer("") == ("", "")
+
+
+def test_strict_answer_is_the_trained_format_only():
+    reply = "Because.\nAnswer: \"B\""
+    assert strict_answer(reply) == '"B"' and final_answer(reply) == "B"
+    assert strict_answer(student_target("sport", "It is a match.")) == "sport"
+    assert strict_answer("so the answer is sport") == "so the answer is sport"
+    assert strict_answer("  sport\n") == "sport"
 
 
 def test_code():

@@ -19,17 +19,21 @@ from rebase_ray.storage import Storage
 
 
 def sample_report() -> dict:
+    keys = ["acc", "acc_norm", "gen_strict", "gen_flexible"]
     preds = []
     for i, (domain, base, trained) in enumerate([("news", 0, 1), ("news", 0, 1), ("news", 1, 1),
                                                  ("sport", 0, 0), ("sport", 1, 1)]):
+        # the base model knows the answer (acc) but does not write it in the format (gen_*)
         preds.append({"input": f"text {i} <script>alert(1)</script>", "output": "yes",
                       "domain": domain,
-                      "base": {"prediction": "no", "answer": "no", "accuracy": float(base)},
-                      "trained": {"prediction": "yes", "answer": "yes",
-                                  "accuracy": float(trained)}})
-    runs = {run: aggregate(({"domain": p["domain"], **p[run]} for p in preds), ["accuracy"])
+                      "base": {"prediction": "no", "answer": "no", "choice": "yes",
+                               "acc": float(base), "acc_norm": float(base),
+                               "gen_strict": 0.0, "gen_flexible": 0.0},
+                      "trained": {"prediction": "yes", "answer": "yes", "choice": "yes",
+                                  **{k: float(trained) for k in keys}}})
+    runs = {run: aggregate(({"domain": p["domain"], **p[run]} for p in preds), keys)
             for run in ("base", "trained")}
-    evaluation = {"task": "demo", "metric": "accuracy", "keys": ["accuracy"], "model": "m",
+    evaluation = {"task": "demo", "metric": "accuracy", "keys": keys, "model": "m",
                   "adapter": "a", "n": 5, "runs": runs, "predictions": preds}
     examples = [{"example_id": f"e{i}", "row_key": f"src/default/train/{i}", "dataset": "src",
                  "domain": ["news", "sport"][i % 2], "input": f"made from row {i}",
@@ -52,8 +56,15 @@ def sample_report() -> dict:
 def test_report_json_and_self_contained_html(tmp_path):
     json_uri, html_uri = write_report(str(tmp_path / "rep"), sample_report())
     st = Storage.for_uri(json_uri)
-    assert st.read_json(json_uri)["evaluation"]["runs"]["trained"]["micro"]["accuracy"] == 0.8
+    assert st.read_json(json_uri)["evaluation"]["runs"]["trained"]["micro"]["acc"] == 0.8
     page = st.read_text(html_uri)
+    # the primary score per domain, base vs trained, with the generative scores beside it
+    assert "Per-domain acc: base vs trained" in page
+    per_domain = re.search(r"Per-domain acc, acc_norm, gen_strict, gen_flexible: base vs "
+                           r"trained</h2>\s*<table><thead><tr>(.*?)</tr>", page).group(1)
+    assert re.findall(r"<th>([^<]*)</th>", per_domain) == [
+        "domain", "base acc", "trained acc", "base acc_norm", "trained acc_norm",
+        "base gen_strict", "trained gen_strict", "base gen_flexible", "trained gen_flexible"]
 
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     # per-domain bars, loss, label / domain / dataset distributions, the extra section

@@ -1,20 +1,24 @@
-"""Teacher backends without Serve: the transformers backend (tiny random model, a LoRA adapter
-made here with peft, local and on S3), the vLLM config translation, and the Serve config."""
+"""Teacher backends without Serve: the transformers backend (tiny random model, per-row limits,
+structured outputs and cancellation, a LoRA adapter made here with peft, local and on S3), the
+vLLM config translation, and the Serve config."""
 
 from __future__ import annotations
 
 import builtins
+import json
 import sys
 
+import jsonschema
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from rebase_ray.cli import app
 from rebase_ray.config import ConfigError, TeacherConfig
+from rebase_ray.generation import Constraint
 from rebase_ray.models import TINY
 from rebase_ray.storage import Storage
-from rebase_ray.teacher.backends import SamplingParams, TransformersBackend
+from rebase_ray.teacher.backends import OutputFormat, SamplingParams, TransformersBackend
 from rebase_ray.teacher.vllm_backend import VLLMUnavailable, build_vllm_app, llm_config
 
 CONVS = [[{"role": "user", "content": "Name a colour."}],
@@ -30,9 +34,8 @@ def tiny() -> TransformersBackend:
 def test_batch_counts_tokens_and_honours_n_and_length(tiny):
     out = tiny.generate(CONVS, SamplingParams(temperature=0.9, max_tokens=6, n=3, seed=0))
     assert [len(choices) for choices in out] == [3, 3]
-    texts = tiny.tokenizer.apply_chat_template(CONVS[1], tokenize=False,
-                                               add_generation_prompt=True)
-    assert out[1][0].prompt_tokens == len(tiny.tokenizer(texts, add_special_tokens=False)
+    text = tiny.lm.render(CONVS[1])
+    assert out[1][0].prompt_tokens == len(tiny.lm.tokenizer(text, add_special_tokens=False)
                                           ["input_ids"])
     assert out[0][0].prompt_tokens != out[1][0].prompt_tokens  # left padding not counted
     for c in out[0] + out[1]:
@@ -58,6 +61,24 @@ def test_stop_string_cuts_the_text(tiny):
     assert cut.finish_reason == "stop"
 
 
+def test_rows_keep_their_own_limit_format_and_cancel_flag(tiny):
+    person = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+        "required": ["name", "colour"], "additionalProperties": False}
+    fmt = OutputFormat({}, Constraint.json_schema(person))
+    convs = CONVS + CONVS[:1]
+    out = tiny.generate(convs, SamplingParams(temperature=1.0, seed=0), max_tokens=[200, 4, 200],
+                        formats=[fmt, None, None], cancelled=[None, None, lambda: True])
+    (structured,), (free,), (cancelled,) = out
+    assert structured.finish_reason == "stop"
+    reply = json.loads(structured.text)
+    jsonschema.validate(reply, person)
+    assert list(reply) == ["name", "colour"]  # written in the schema's order
+    assert free.completion_tokens <= 4
+    assert cancelled.finish_reason == "abort" and cancelled.completion_tokens <= 1
+
+
 def test_lora_adapter_local_and_on_s3(tiny, tmp_path, s3_bucket):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -77,7 +98,7 @@ def test_lora_adapter_local_and_on_s3(tiny, tmp_path, s3_bucket):
     plain = tiny.generate(CONVS, greedy)
     local = TransformersBackend(TINY, adapter=str(tmp_path / "adapter"))
     from_s3 = TransformersBackend(TINY, adapter=uri)
-    assert isinstance(local.model, PeftModel)
+    assert isinstance(local.lm.model, PeftModel)
     assert local.generate(CONVS, greedy) != plain
     assert from_s3.generate(CONVS, greedy) == local.generate(CONVS, greedy)
 

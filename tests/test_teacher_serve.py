@@ -1,25 +1,40 @@
 """The teacher on Ray Serve over real HTTP on 127.0.0.1 (tiny random model, 0.5 CPU per
-replica): the official openai client, dynamic batching, auth and bad-input codes, the
-TeacherClient's budget and retries, and a replica killed mid-run."""
+replica): the official openai client, dynamic batching, structured outputs (schemas, choices,
+free rows in one batch), auth, bad-input codes and the max_tokens cap, timeouts and client
+disconnects stopping generation, the TeacherClient's budget and retries, and a replica killed
+mid-run."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
 from rebase_ray.config import TeacherConfig
+from rebase_ray.generation import Constraint
 from rebase_ray.models import SMOLLM2, TINY
 from rebase_ray.serve.teacher import local_teacher
-from rebase_ray.teacher.backends import SamplingParams
+from rebase_ray.teacher.backends import OutputFormat, SamplingParams
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
 from rebase_ray.teacher.openai_backend import OpenAIBackend
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Say hello."}]
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "minLength": 1, "maxLength": 20},
+    "colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+    "required": ["name", "colour"], "additionalProperties": False}
+ITEM = {"type": "object", "properties": {
+    "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}},
+    "required": ["count", "tags"], "additionalProperties": False}
+LABELS = ["positive", "negative", "neutral"]
+LONG = 2000  # tokens the tiny model takes seconds to write (it never ends on its own)
 
 
 def teacher_config(port: int, **kw) -> TeacherConfig:
@@ -41,14 +56,19 @@ def metrics(url: str) -> dict:
     return resp.json()
 
 
+def schema_format(name: str, schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema,
+                                                   "strict": True}}
+
+
 def test_official_openai_client_unchanged(teacher):
     client = openai.OpenAI(base_url=teacher, api_key=KEY)
     assert [m.id for m in client.models.list().data] == [TINY]
     resp = client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=5, n=2,
                                           temperature=0.8, seed=1, stop=["\n\n"],
                                           response_format={"type": "json_object"})
-    assert len(resp.choices) == 2 and all(isinstance(c.message.content, str)
-                                          for c in resp.choices)
+    assert len(resp.choices) == 2
+    assert all(c.message.content[0] in "{[" for c in resp.choices)  # constrained to JSON
     assert resp.usage.prompt_tokens > 0
     assert 2 <= resp.usage.completion_tokens <= 10
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
@@ -106,12 +126,116 @@ def test_budget_is_hard_and_counted_by_the_server(teacher):
     assert client.stats.http_attempts == 5
 
 
+def test_sampled_schema_replies_all_validate(teacher):
+    before = metrics(teacher)
+    client = TeacherClient(teacher, api_key=KEY, model=TINY, concurrency=12)
+    results = client.chat_many([HELLO] * 12, temperature=1.0, max_tokens=300,
+                               response_format=schema_format("person", PERSON))
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert [r.finish_reason for r in results] == ["stop"] * 12
+    for r in results:
+        reply = json.loads(r.text)
+        jsonschema.validate(reply, PERSON)
+        assert list(reply) == ["name", "colour"]  # the schema's order
+    assert metrics(teacher)["structured"] - before["structured"] == 12
+
+
+def test_schemas_choice_and_free_rows_share_one_generate_call(teacher):
+    before = metrics(teacher)
+    client = TeacherClient(teacher, api_key=KEY, model=TINY, concurrency=4)
+    person, item, label, free = client.chat_many(
+        [HELLO] * 4, temperature=1.0, per_request=[
+            {"response_format": schema_format("person", PERSON), "max_tokens": 300},
+            {"response_format": schema_format("item", ITEM), "max_tokens": 400},
+            {"structured_outputs": {"choice": LABELS}, "max_tokens": 16},
+            {"max_tokens": 6}])
+    jsonschema.validate(json.loads(person.text), PERSON)
+    jsonschema.validate(json.loads(item.text), ITEM)
+    assert label.text in LABELS
+    assert free.completion_tokens <= 6  # its own max_tokens in the shared call
+    assert [r.finish_reason for r in (person, item, label)] == ["stop"] * 3
+    after = metrics(teacher)
+    assert after["requests"] - before["requests"] == 4
+    assert after["batches"] - before["batches"] < 4
+    grew = {int(k) for k, v in after["batch_sizes"].items()
+            if v > before["batch_sizes"].get(k, 0)}
+    assert max(grew) > 1  # different formats, one generate call
+
+
+def test_truncated_reply_is_length_and_counted(teacher):
+    before = metrics(teacher)["truncated"]
+    client = TeacherClient(teacher, api_key=KEY, model=TINY)
+    (reply,) = client.chat_many([HELLO], max_tokens=3,
+                                response_format=schema_format("person", PERSON))
+    assert reply.finish_reason == "length" and reply.completion_tokens == 3
+    assert client.stats.truncated == 1
+    assert metrics(teacher)["truncated"] - before == 1
+
+
+def test_unsupported_formats_and_max_tokens_cap_are_400(teacher):
+    client = openai.OpenAI(base_url=teacher, api_key=KEY, max_retries=0)
+    negated = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}
+    unique = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+    for schema, keyword in ((negated, "'not'"), (unique, "'uniqueItems'")):
+        with pytest.raises(openai.BadRequestError, match=keyword):
+            client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=8,
+                                           response_format=schema_format("bad", schema))
+    with pytest.raises(openai.BadRequestError, match="'regex' is not supported"):
+        client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=8,
+                                       extra_body={"structured_outputs": {"regex": "a+"}})
+    with pytest.raises(openai.BadRequestError, match="limit of 2048"):
+        client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=2049)
+    with pytest.raises(openai.BadRequestError, match="limit of 2048"):
+        client.chat.completions.create(model=TINY, messages=HELLO, max_completion_tokens=4096)
+
+
+def test_timeout_stops_the_row_and_is_504(serve_port):
+    cfg = teacher_config(serve_port, batch_wait_timeout_s=0.05, serve={
+        "request_timeout_s": 1.0, "route_prefix": "/quick"})
+    with local_teacher(cfg, name="teacher-quick") as url:
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=2)
+        before = metrics(url)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=LONG,
+                                           temperature=0)
+        assert err.value.status_code == 504
+        # answered within its own 1 s: the long row no longer holds the replica
+        resp = client.chat.completions.create(model=TINY, messages=HELLO, max_tokens=4)
+        assert resp.choices[0].finish_reason == "length"
+        after = metrics(url)
+        assert after["timeouts"] - before["timeouts"] == 1
+        assert after["aborted"] - before["aborted"] == 1
+        # the timed-out row stopped after about a second, far from its LONG tokens
+        assert after["completion_tokens"] - before["completion_tokens"] < LONG // 2
+
+
+def test_client_disconnect_stops_the_row(teacher):
+    before = metrics(teacher)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(teacher + "/chat/completions", timeout=1.0,
+                   headers={"Authorization": f"Bearer {KEY}"},
+                   json={"messages": HELLO, "max_tokens": LONG, "temperature": 0})
+    deadline = time.monotonic() + 10
+    while (after := metrics(teacher))["aborted"] == before["aborted"]:
+        assert time.monotonic() < deadline, "the disconnected request's row kept generating"
+        time.sleep(0.2)
+    assert after["disconnects"] - before["disconnects"] == 1
+    assert after["aborted"] - before["aborted"] == 1
+    assert after["completion_tokens"] - before["completion_tokens"] < LONG // 2
+
+
 def test_openai_backend_against_the_endpoint(teacher):
     backend = OpenAIBackend(TeacherClient(teacher, api_key=KEY))
     out = backend.generate([HELLO, HELLO], SamplingParams(temperature=0.7, max_tokens=3, n=2,
                                                           seed=5))
     assert [len(c) for c in out] == [2, 2]
     assert all(c.completion_tokens > 0 for choices in out for c in choices)
+    # per-row max_tokens and formats reach the server as they were sent
+    choice = OutputFormat({"structured_outputs": {"choice": LABELS}}, Constraint.choice(LABELS))
+    (free,), (label,) = backend.generate([HELLO, HELLO], SamplingParams(temperature=1.0),
+                                         max_tokens=[2, 16], formats=[None, choice])
+    assert free.completion_tokens <= 2 and label.text in LABELS
 
 
 def test_env_api_key_and_client_retries_server_timeouts(serve_port, monkeypatch):
@@ -164,8 +288,8 @@ def test_killed_replica_is_restarted(teacher):
 
 
 @pytest.mark.slow
-def test_smollm2_answers(serve_port):
-    cfg = TeacherConfig(model=SMOLLM2, max_batch_size=4,
+def test_smollm2_answers_and_follows_schemas(serve_port):
+    cfg = TeacherConfig(model=SMOLLM2, max_batch_size=8,
                         serve={"port": serve_port, "num_cpus": 1, "route_prefix": "/smol"})
     with local_teacher(cfg, name="teacher-smol") as url:
         client = openai.OpenAI(base_url=url, api_key="unused")
@@ -173,3 +297,13 @@ def test_smollm2_answers(serve_port):
             model=SMOLLM2, max_tokens=24, temperature=0,
             messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "paris" in resp.choices[0].message.content.lower()
+
+        ask = [{"role": "user", "content": "Invent a person: reply with JSON giving their "
+                                           "name and favourite colour."}]
+        results = TeacherClient(url, model=SMOLLM2, concurrency=8).chat_many(
+            [ask] * 8, temperature=1.0, max_tokens=200,
+            response_format=schema_format("person", PERSON))
+        assert all(not isinstance(r, Exception) for r in results), results
+        assert [r.finish_reason for r in results] == ["stop"] * 8
+        for r in results:
+            jsonschema.validate(json.loads(r.text), PERSON)

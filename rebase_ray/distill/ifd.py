@@ -5,13 +5,14 @@
 where ŷ is what the current student (the previous stage's adapter on the base model; the base
 model at stage 1) answers to the candidate's input x, PPL(ŷ | x) is the perplexity of ŷ's
 tokens after the student's prompt for x, and PPL(ŷ) their perplexity after a single start token
-(BOS, or EOS when the tokenizer has none) — the same tokens are scored in both, so the ratio
-says how much the input helps the student. A high IFD marks an example the student has not
+(BOS, or EOS when the tokenizer has none) — the same answer is scored in both (its tokens
+split from the context's as lm-evaluation-harness splits a continuation), so the ratio says how
+much the input helps the student. A high IFD marks an example the student has not
 learned to follow yet; the highest are selected.
 
 On Ray Data: the candidates flow through `IFDScorer` actors (the model loads once per actor);
-each batch is one `generate` call (left padding) and one forward pass over the 2·batch
-scored sequences (right padding, so positions match the unbatched computation).
+each batch is one `generation.generate` call and one `generation.loglikelihood` call over the
+2·batch (context, answer) pairs: (prompt, ŷ) and (start token, ŷ).
 """
 
 from __future__ import annotations
@@ -26,72 +27,25 @@ from rebase_ray.formats import student_messages
 IFD_COLUMNS = ["student_output", "ppl_conditional", "ppl_alone", "ifd"]
 
 
-def load_student(model_ref: str, adapter: str | None = None, s3: S3Config | None = None,
-                 device: str | None = None):
-    """(model, tokenizer): the base model with the LoRA adapter (a folder or s3:// URI)
-    merged in, in eval mode."""
-    from rebase_ray.models import load_adapter, load_causal_lm
-
-    model, tok = load_causal_lm(model_ref, device=device)
-    if adapter:
-        model = load_adapter(model, adapter, s3, merge=True)
-    return model, tok
+def start_text(tok) -> str:
+    """The single start token PPL(ŷ) is conditioned on, as text: BOS, else EOS."""
+    return tok.bos_token if tok.bos_token is not None else tok.eos_token
 
 
-def render_prompt(tok, instruction: str, input_text: str) -> str:
-    return tok.apply_chat_template(student_messages(instruction, input_text),
-                                   add_generation_prompt=True, tokenize=False)
-
-
-def generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers of the student to rendered prompts (one batched call)."""
-    import torch
-
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    new = out[:, enc["input_ids"].shape[1]:]
-    return tok.batch_decode(new, skip_special_tokens=True)
-
-
-def _start_id(tok) -> int:
-    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-
-
-def perplexities(model, tok, prompts: list[str], answers: list[str], max_seq_len: int = 512
+def perplexities(lm, prompts: list[str], answers: list[str], max_seq_len: int = 512
                  ) -> list[tuple[float, float]]:
-    """[(PPL(answer | prompt), PPL(answer))] in one forward pass; NaN for an empty answer."""
-    import torch
+    """[(PPL(answer | prompt), PPL(answer | start token))]; NaN for an empty answer."""
+    from rebase_ray.generation import loglikelihood, perplexity
 
-    seqs: list[tuple[list[int], int]] = []  # (ids, number of unscored leading tokens)
-    for prompt, answer in zip(prompts, answers):
-        a_ids = tok(answer, add_special_tokens=False)["input_ids"][: max_seq_len - 1]
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        p_ids = p_ids[max(0, len(p_ids) + len(a_ids) - max_seq_len):]
-        seqs.append((p_ids + a_ids, len(p_ids)))
-        seqs.append(([_start_id(tok)] + a_ids, 1))
-    width = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    scored = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (s, n_skip) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        scored[i, n_skip: len(s)] = True
-    with torch.inference_mode():
-        logits = model(input_ids=ids.to(model.device),
-                       attention_mask=mask.to(model.device)).logits.float().cpu()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    keep = scored[:, 1:]
-    ppl = []
-    for i in range(len(seqs)):
-        n = int(keep[i].sum())
-        ppl.append(math.exp(float(nll[i][keep[i]].sum()) / n) if n else float("nan"))
-    return [(ppl[2 * j], ppl[2 * j + 1]) for j in range(len(prompts))]
+    scored = [i for i, answer in enumerate(answers) if answer]
+    start = start_text(lm.tokenizer)
+    contexts = [c for i in scored for c in (prompts[i], start)]
+    pairs = loglikelihood(lm, contexts, [answers[i] for i in scored for _ in range(2)],
+                          batch_size=max(1, len(contexts)), max_seq_len=max_seq_len)
+    out = [(math.nan, math.nan)] * len(answers)
+    for j, i in enumerate(scored):
+        out[i] = (perplexity(*pairs[2 * j]), perplexity(*pairs[2 * j + 1]))
+    return out
 
 
 class IFDScorer:
@@ -100,19 +54,24 @@ class IFDScorer:
 
     def __init__(self, model: str, adapter: str | None, instruction: str, max_new_tokens: int,
                  max_seq_len: int, s3: dict | None = None, threads: int | None = None):
+        from rebase_ray.generation import LM
         from rebase_ray.models import set_torch_threads
 
         set_torch_threads(1, threads)
-        self.model, self.tok = load_student(model, adapter,
-                                            S3Config.model_validate(s3) if s3 else None)
+        # the adapter merged into the weights: faster, and never switched off here
+        self.lm = LM.load(model, adapter, S3Config.model_validate(s3) if s3 else None,
+                          merge=True)
         self.instruction = instruction
         self.max_new_tokens = max_new_tokens
         self.max_seq_len = max_seq_len
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        prompts = [render_prompt(self.tok, self.instruction, x) for x in batch["input"]]
-        answers = generate(self.model, self.tok, prompts, self.max_new_tokens)
-        ppls = perplexities(self.model, self.tok, prompts, answers, self.max_seq_len)
+        from rebase_ray.generation import generate
+
+        prompts = [self.lm.render(student_messages(self.instruction, x)) for x in batch["input"]]
+        answers = [g[0].text for g in generate(self.lm, prompts,
+                                               max_new_tokens=self.max_new_tokens)]
+        ppls = perplexities(self.lm, prompts, answers, self.max_seq_len)
         batch = batch.copy()
         batch["student_output"] = answers
         batch["ppl_conditional"] = [c for c, _ in ppls]

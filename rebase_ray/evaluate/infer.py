@@ -1,7 +1,9 @@
 """Batch inference with the student over an eval set: Ray Data `map_batches` on an actor pool,
-the model (and its LoRA adapter) loaded once per actor. With `baseline`, each batch is also
-answered with the adapter switched off, so the base model is evaluated on the same prompts by
-the same code in the same pass.
+the model (and its LoRA adapter) loaded once per actor. Each input is rendered into the
+student's prompt once; the greedy reply is generated (`generation.generate`) and, for a label
+task, every label is scored as a continuation of that prompt (`generation.loglikelihood`).
+With `baseline`, each batch is also answered and scored with the adapter switched off, so the
+base model is evaluated on the same prompts by the same code in the same pass.
 """
 
 from __future__ import annotations
@@ -15,47 +17,58 @@ from rebase_ray.formats import student_messages
 
 
 class Predictor:
-    """A Ray Data callable class: greedy answers for a batch of inputs."""
+    """A Ray Data callable class: per input, the greedy reply and (with `labels`) the
+    log-likelihood of each label after the prompt, in columns `<run>_reply` and
+    `<run>_logprobs` for the runs `trained` (with an adapter) and `base`."""
 
-    def __init__(self, model: str, adapter: str | None, instruction: str, max_new_tokens: int,
-                 baseline: bool, dtype: str = "auto", s3: S3Config | None = None,
-                 threads: int = 1):
-        from rebase_ray.models import load_adapter, load_causal_lm, set_torch_threads
+    def __init__(self, model: str, adapter: str | None, instruction: str,
+                 labels: list[str] | None, max_new_tokens: int, max_seq_len: int,
+                 batch_size: int, baseline: bool, dtype: str = "auto",
+                 s3: S3Config | None = None, threads: int = 1):
+        from rebase_ray.generation import LM
+        from rebase_ray.models import set_torch_threads
 
         set_torch_threads(1, threads)
-        self.model, self.tok = load_causal_lm(model, dtype=dtype)
-        self.instruction, self.max_new_tokens = instruction, max_new_tokens
-        self.baseline = baseline and adapter is not None
+        self.lm = LM.load(model, adapter, s3, dtype=dtype)
+        self.instruction, self.labels = instruction, labels
+        self.max_new_tokens, self.max_seq_len = max_new_tokens, max_seq_len
+        self.batch_size = batch_size
         self.has_adapter = adapter is not None
-        if adapter is not None:
-            self.model = load_adapter(self.model, adapter, s3)
+        self.baseline = baseline and self.has_adapter
 
-    def _generate(self, inputs: list[str]) -> list[str]:
-        import torch
+    def _answer(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        from rebase_ray.generation import generate, loglikelihood
 
-        prompts = [self.tok.apply_chat_template(student_messages(self.instruction, x),
-                                                add_generation_prompt=True, tokenize=False)
-                   for x in inputs]
-        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(self.model.device)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
-        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        replies = [g[0].text for g in generate(self.lm, prompts,
+                                               max_new_tokens=self.max_new_tokens)]
+        out = {"reply": np.array(replies, dtype=object)}
+        if self.labels:
+            k = len(self.labels)
+            scored = loglikelihood(self.lm, [p for p in prompts for _ in range(k)],
+                                   self.labels * len(prompts), batch_size=self.batch_size,
+                                   max_seq_len=self.max_seq_len)
+            out["logprobs"] = np.array([lp for lp, _ in scored], dtype=np.float64).reshape(-1, k)
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = [str(x) for x in batch["input"]]
-        run = "trained" if self.has_adapter else "base"
-        out = {"idx": batch["idx"], run: np.array(self._generate(inputs), dtype=object)}
+        prompts = [self.lm.render(student_messages(self.instruction, str(x)))
+                   for x in batch["input"]]
+        runs = {"trained" if self.has_adapter else "base": self._answer(prompts)}
         if self.baseline:
-            with self.model.disable_adapter():
-                out["base"] = np.array(self._generate(inputs), dtype=object)
+            with self.lm.model.disable_adapter():
+                runs["base"] = self._answer(prompts)
+        out = {"idx": batch["idx"]}
+        for run, columns in runs.items():
+            out.update({f"{run}_{name}": values for name, values in columns.items()})
         return out
 
 
-def predict(inputs: list[str], instruction: str, model: str, adapter: str | None,
-            cfg: EvaluateConfig, s3: S3Config | None = None) -> dict[str, list[str]]:
-    """{'base': [...], 'trained': [...]} (the runs that apply), in the order of `inputs`."""
+def predict(inputs: list[str], instruction: str, labels: list[str] | None, model: str,
+            adapter: str | None, cfg: EvaluateConfig, s3: S3Config | None = None
+            ) -> dict[str, list[dict]]:
+    """{'base': [...], 'trained': [...]} (the runs that apply), one {'reply'} per input in the
+    order of `inputs`, with 'logprobs' (one per label, in the order of `labels`) when `labels`
+    is given."""
     import ray
 
     if not ray.is_initialized():
@@ -64,13 +77,20 @@ def predict(inputs: list[str], instruction: str, model: str, adapter: str | None
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
-                               "max_new_tokens": cfg.max_new_tokens, "baseline": cfg.baseline,
-                               "dtype": cfg.dtype, "s3": s3,
+                               "labels": labels, "max_new_tokens": cfg.max_new_tokens,
+                               "max_seq_len": cfg.max_seq_len, "batch_size": cfg.batch_size,
+                               "baseline": cfg.baseline, "dtype": cfg.dtype, "s3": s3,
                                "threads": cfg.torch_threads or math.ceil(cfg.num_cpus_per_actor)},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
     )
     rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
-    runs = [r for r in ("base", "trained") if rows and r in rows[0]]
-    return {run: [str(r[run]) for r in rows] for run in runs}
+    runs = [run for run in ("base", "trained") if rows and f"{run}_reply" in rows[0]]
+    out: dict[str, list[dict]] = {}
+    for run in runs:
+        out[run] = [{"reply": str(r[f"{run}_reply"])} for r in rows]
+        if labels:
+            for answer, r in zip(out[run], rows):
+                answer["logprobs"] = [float(lp) for lp in r[f"{run}_logprobs"]]
+    return out

@@ -1,8 +1,18 @@
 """Per-example scores and their aggregation over domains.
 
-- accuracy: labels and multiple choice, after normalisation (case, surrounding punctuation,
-  "(B)" / "B." / "B) text" → "b" when the gold answer is a single letter; a prediction that
-  names exactly one of the task's labels as a word counts as that label);
+Label tasks (the task's `labels`, multiple choice by letter included), as lm-evaluation-harness
+scores multiple choice, plus the generated answer beside it:
+- acc: the label with the highest log-likelihood after the student's prompt is the gold one;
+- acc_norm: the same with each log-likelihood divided by the label's length in characters;
+- gen_strict: the generated final answer in exactly the trained format (`formats.strict_answer`)
+  is the gold label, up to surrounding whitespace and case;
+- gen_flexible: the generated final answer (`formats.final_answer`) names the gold label
+  (`named_label`): it is the label, or a choice letter "B" / "(B)" / "B." / "B)" / "B:" at its
+  start followed by nothing or by the choice's text, or it names that one label as a whole word.
+  A one-letter label is never read from a word ("a good movie" is not choice A), and no
+  synonym, plural or other inflection maps to a label ("Sports" does not name "sport").
+
+Other tasks:
 - exact match and token F1: the official SQuAD v1.1 evaluation script's definitions
   (lower case, no punctuation, no articles a/an/the, whitespace collapsed; max over golds);
 - pass@1: computed in `code_exec`.
@@ -62,34 +72,71 @@ def squad_scores(prediction: str, golds: str | list[str]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- labels
 
-_LETTER = re.compile(r"^\(?([a-z])(?:[).:\]]|\s|$)")
+# a choice letter at the start of an answer: "(B)", "B.", "B)" or "B:" followed by nothing or
+# by whitespace (and the choice's text), or the letter alone
+_CHOICE = re.compile(r"^(?:\(([a-z])\)|([a-z])[.):]|([a-z])$)(?:\s|$)", re.IGNORECASE)
 
 
 def normalize_label(text: str) -> str:
+    """Lower case, whitespace collapsed, surrounding punctuation removed."""
     text = " ".join((text or "").lower().split())
     return text.strip(string.punctuation + " ")
 
 
-def match_label(prediction: str, labels: list[str] | None) -> str:
-    """The label a prediction names: itself when it is one, else the one label it mentions as
-    a whole word (none or several → the normalised prediction, which then scores 0)."""
-    pred = normalize_label(prediction)
-    if not labels:
-        return pred
+def _is_letter(label: str) -> bool:
+    return len(label) == 1 and label.isalpha()
+
+
+def named_label(answer: str, labels: list[str]) -> str | None:
+    """The one label (as written in `labels`) that an answer names, else None."""
+    norm = {normalize_label(label): label for label in labels}
+    text = normalize_label(answer)
+    if text in norm:
+        return norm[text]
+    choice = _CHOICE.match((answer or "").strip())
+    letter = next(g for g in choice.groups() if g).lower() if choice else None
+    if letter in norm:
+        return norm[letter]
+    named = [label for n, label in norm.items()
+             if not _is_letter(n) and re.search(rf"\b{re.escape(n)}\b", text)]
+    return named[0] if len(named) == 1 else None
+
+
+def gold_index(gold: str, labels: list[str]) -> int:
+    """The position of the gold answer in `labels` (case and surrounding punctuation aside)."""
     norm = [normalize_label(label) for label in labels]
-    if pred in norm:
-        return pred
-    named = [lab for lab in norm if re.search(rf"\b{re.escape(lab)}\b", pred)]
-    return named[0] if len(named) == 1 else pred
+    try:
+        return norm.index(normalize_label(gold))
+    except ValueError:
+        raise ValueError(f"gold answer {gold!r} is not one of the labels {labels}") from None
 
 
-def accuracy_score(prediction: str, gold: str, labels: list[str] | None = None) -> float:
-    gold_n = normalize_label(gold)
-    pred = match_label(prediction, labels)
-    if len(gold_n) == 1 and gold_n.isalpha():  # multiple choice by letter
-        m = _LETTER.match(pred)
-        pred = m.group(1) if m else pred
-    return float(pred == gold_n)
+def flexible_score(answer: str, gold: str, labels: list[str]) -> float:
+    """1.0 when the answer names the gold label (`named_label`)."""
+    named = named_label(answer, labels)
+    return float(named is not None and normalize_label(named) == normalize_label(gold))
+
+
+def strict_score(answer: str, gold: str) -> float:
+    """1.0 when the answer is the gold label, up to surrounding whitespace and case."""
+    return float(answer.strip().casefold() == gold.strip().casefold())
+
+
+def length_normalized(logprobs: list[float], labels: list[str]) -> list[float]:
+    """Each label's log-likelihood per character of the label (lm-evaluation-harness acc_norm)."""
+    return [lp / len(label) for lp, label in zip(logprobs, labels)]
+
+
+def argmax(values: list[float]) -> int:
+    """The position of the largest value (the first of equal maxima)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def ranked_scores(logprobs: list[float], labels: list[str], gold: int) -> dict[str, float]:
+    """{'acc', 'acc_norm'}: whether the most likely label, by summed log-likelihood and by
+    log-likelihood per character, is `labels[gold]`."""
+    return {"acc": float(argmax(logprobs) == gold),
+            "acc_norm": float(argmax(length_normalized(logprobs, labels)) == gold)}
 
 
 # ----------------------------------------------------------------------------- aggregation

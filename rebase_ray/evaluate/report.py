@@ -4,8 +4,11 @@ The report input is one JSON-able dict; every key is optional:
 
     {"title": str,
      "task": {...},                  # e.g. TaskConfig.model_dump()
-     "evaluation": {...},            # evaluate.evaluate(...) result: per-domain bars base vs
-                                     #   trained, macro / micro table, sample predictions
+     "evaluation": {...},            # evaluate.evaluate(...) result: macro / micro table,
+                                     #   per-domain bars of the primary score (keys[0]) base
+                                     #   vs trained, every score per domain beside it (label
+                                     #   tasks: acc, acc_norm, gen_strict, gen_flexible),
+                                     #   sample predictions
      "training": {...},              # train_student(...) summary: loss curve
      "examples": [{...}],            # training examples (input, output, rationale, domain,
                                      #   row_key, dataset, scores...): label / domain
@@ -41,31 +44,49 @@ PROVENANCE_SAMPLE = 12
 PREDICTION_SAMPLE = 20
 HIT_SCORES = ("score", "input_score", "output_score", "dataset_score", "rank")
 HIT_META = ("task", "row_key", "dataset") + HIT_SCORES
+# what the label scores mean, said in the evaluation section
+KEY_TEXT = {
+    "acc": "acc: the label with the highest log-likelihood after the student's prompt is the "
+           "gold one",
+    "acc_norm": "acc_norm: the same with each log-likelihood divided by the label's length in "
+                "characters",
+    "gen_strict": "gen_strict: the generated final answer is exactly the gold label",
+    "gen_flexible": "gen_flexible: the generated final answer names the gold label (the label "
+                    "as a whole word, or a choice letter)",
+}
 
 
 # ----------------------------------------------------------------------------- sections
 
 
 def _evaluation_sections(ev: dict) -> list[dict]:
-    key = ev["keys"][0]
-    runs = ev["runs"]
+    key, keys, runs = ev["keys"][0], ev["keys"], ev["runs"]
     domains = sorted({d for agg in runs.values() for d in agg["domains"]})
     rows = [{"run": run, "average": avg, "n": agg["micro"]["n"],
-             **{k: round(agg[avg][k], 4) for k in ev["keys"]}}
+             **{k: round(agg[avg][k], 4) for k in keys}}
             for run, agg in runs.items() for avg in ("macro", "micro")]
+    groups = [(d, {run: agg["domains"].get(d, {}) for run, agg in runs.items()}) for d in domains]
+    groups += [(f"({avg})", {run: agg[avg] for run, agg in runs.items()})
+               for avg in ("macro", "micro")]
+    per_domain = [{"domain": name, **{f"{run} {k}": scores[run].get(k) for k in keys
+                                      for run in runs}}
+                  for name, scores in groups]
+    explained = "".join(f" {KEY_TEXT[k]}." for k in keys if k in KEY_TEXT)
     sections = [{"title": f"Evaluation: {ev['task']} ({ev['metric']}, {ev['n']} examples)",
-                 "text": f"model {ev['model']}, adapter {ev['adapter'] or 'none'}; "
-                         "macro = mean over domains, micro = mean over examples.",
+                 "text": f"model {ev['model']}, adapter {ev['adapter'] or 'none'}; primary "
+                         f"score {key}; macro = mean over domains, micro = mean over "
+                         f"examples.{explained}",
                  "table": rows},
                 {"title": f"Per-domain {key}: base vs trained",
-                 "bar_chart": {"categories": domains + ["(macro)", "(micro)"], "y_label": key,
-                               "series": {run: [agg["domains"].get(d, {}).get(key, 0.0)
-                                                for d in domains]
-                                          + [agg["macro"][key], agg["micro"][key]]
-                                          for run, agg in runs.items()}}}]
+                 "bar_chart": {"categories": [name for name, _ in groups], "y_label": key,
+                               "series": {run: [scores[run].get(key, 0.0) for _, scores in groups]
+                                          for run in runs}}},
+                {"title": f"Per-domain {', '.join(keys)}: base vs trained",
+                 "table": per_domain}]
     sample = [{"domain": p["domain"], "input": p["input"], "gold": p["output"],
                **{f"{run} answer": p[run]["answer"] for run in runs},
-               **{f"{run} {key}": p[run][key] for run in runs}}
+               **{f"{run} choice": p[run]["choice"] for run in runs if "choice" in p[run]},
+               **{f"{run} {k}": p[run][k] for k in keys for run in runs}}
               for p in ev["predictions"][:PREDICTION_SAMPLE]]
     sections.append({"title": f"Sample predictions (first {len(sample)})", "table": sample})
     return sections

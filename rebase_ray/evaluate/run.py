@@ -1,5 +1,7 @@
 """Evaluate the student (and the untrained base model as the baseline row) on an eval set:
 batch inference, final-answer parsing, per-example scores, per-domain / macro / micro metrics.
+The one evaluation of a model: `rebase-ray eval`, every distill stage and the pipeline's
+evaluate stage call `evaluate`, and base and trained models go through the same code.
 """
 
 from __future__ import annotations
@@ -9,15 +11,26 @@ import time
 from rebase_ray.config import EvaluateConfig, S3Config, TaskConfig
 from rebase_ray.evaluate.code_exec import PASS, run_tests
 from rebase_ray.evaluate.infer import predict
-from rebase_ray.evaluate.metrics import accuracy_score, aggregate, squad_scores
-from rebase_ray.formats import extract_code, final_answer
+from rebase_ray.evaluate.metrics import (
+    aggregate,
+    argmax,
+    flexible_score,
+    gold_index,
+    ranked_scores,
+    squad_scores,
+    strict_score,
+)
+from rebase_ray.formats import extract_code, final_answer, strict_answer
 
-METRIC_KEYS = {"accuracy": ["accuracy"], "exact_match_f1": ["exact_match", "f1"],
-               "pass_at_1": ["pass_at_1"]}
+# the score keys of each task metric; the first is the primary one
+METRIC_KEYS = {"accuracy": ["acc", "acc_norm", "gen_strict", "gen_flexible"],
+               "exact_match_f1": ["exact_match", "f1"], "pass_at_1": ["pass_at_1"]}
 
 
-def score(task: TaskConfig, record: dict, prediction: str, cfg: EvaluateConfig) -> dict:
-    """The parsed answer and its scores for one prediction."""
+def score(task: TaskConfig, record: dict, prediction: str, cfg: EvaluateConfig,
+          logprobs: list[float] | None = None) -> dict:
+    """The parsed answer and its scores for one prediction; for label accuracy `logprobs`
+    holds the log-likelihood of each of the task's labels after the prompt."""
     if task.metric == "pass_at_1":
         code = extract_code(prediction)
         result = run_tests(code, record.get("tests") or record["output"], cfg.code_timeout_s,
@@ -26,8 +39,13 @@ def score(task: TaskConfig, record: dict, prediction: str, cfg: EvaluateConfig) 
                 "pass_at_1": float(result["status"] == PASS), **result}
     answer = final_answer(prediction)
     if task.metric == "accuracy":
+        labels, gold = task.labels, record["output"]
+        ranked = ranked_scores(logprobs, labels, gold_index(gold, labels))
         return {"prediction": prediction, "answer": answer,
-                "accuracy": accuracy_score(answer, record["output"], task.labels)}
+                "choice": labels[argmax(logprobs)],
+                "logprobs": dict(zip(labels, logprobs)), **ranked,
+                "gen_strict": strict_score(strict_answer(prediction), gold),
+                "gen_flexible": flexible_score(answer, gold, labels)}
     return {"prediction": prediction, "answer": answer, **squad_scores(answer, record["output"])}
 
 
@@ -37,23 +55,32 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
 
     Returns {'task', 'metric', 'keys', 'model', 'adapter', 'n', 'runs': {'base'|'trained':
     {'domains', 'macro', 'micro'}}, 'predictions': [{input, output, domain, base/trained:
-    {prediction, answer, scores}}], 'seconds', 'examples_per_s'}. 'base' is the model without
-    the adapter (present without an adapter, or with `cfg.baseline`).
+    {prediction, answer, scores}}], 'seconds', 'examples_per_s'}; `keys[0]` is the primary
+    score (`METRIC_KEYS`). 'base' is the model without the adapter (present without an
+    adapter, or with `cfg.baseline`).
     """
     if cfg.max_examples:
         records = records[: cfg.max_examples]
     if not records:
         raise ValueError(f"task {task.name!r}: no eval records to evaluate")
+    labels = None  # the labels ranked by log-likelihood
+    if task.metric == "accuracy":
+        labels = task.labels
+        if not labels:
+            raise ValueError(f"task {task.name!r}: metric accuracy needs the task's `labels`")
+        for rec in records:
+            gold_index(rec["output"], labels)  # raises unless every gold answer is a label
     keys = METRIC_KEYS[task.metric]
     t0 = time.time()
-    outputs = predict([r["input"] for r in records], task.instruction, model, adapter, cfg, s3)
+    outputs = predict([r["input"] for r in records], task.instruction, labels, model, adapter,
+                      cfg, s3)
     seconds = time.time() - t0
     predictions = []
     for i, rec in enumerate(records):
         row = {"input": rec["input"], "output": rec["output"],
                "domain": rec.get("domain") or task.name}
-        for run, texts in outputs.items():
-            row[run] = score(task, rec, texts[i], cfg)
+        for run, answers in outputs.items():
+            row[run] = score(task, rec, answers[i]["reply"], cfg, answers[i].get("logprobs"))
         predictions.append(row)
     runs = {run: aggregate(({"domain": p["domain"], **p[run]} for p in predictions), keys)
             for run in outputs}

@@ -1,13 +1,25 @@
 """The teacher as a Ray Serve app with OpenAI's chat API.
 
 Routes (under the app's route prefix): POST /v1/chat/completions, GET /v1/models, GET /healthz
-(no auth), GET /metrics (this replica's counters: requests, batch sizes, tokens/s, queue time).
+(no auth), GET /metrics (this replica's counters: requests, batch sizes, tokens/s, queue time,
+timeouts, disconnects, aborted and truncated replies).
 
 The transformers backend answers through `@serve.batch`: concurrent requests are merged into
 one `generate` call (max batch size and wait from `TeacherConfig`); requests in one batch that
-ask for different sampling parameters run as one `generate` call per parameter set. The
-`vllm` backend is Ray Serve LLM's own OpenAI app (see `teacher/vllm_backend.py`), which has
-its own continuous batching but not our auth, size limit and /metrics.
+ask for different sampling parameters (temperature, top_p, n, seed, stop) run as one
+`generate` call per parameter set, each row with its own max_tokens and structured output.
+
+Structured outputs: OpenAI's `response_format` (text, json_object, json_schema) or vLLM's
+`structured_outputs` ({"choice": [...]} or {"json": schema}) become a grammar
+(`rebase_ray.generation.Constraint`, compiled once per schema before the request is queued);
+a schema feature the grammar engine cannot enforce is a 400 naming it. max_tokens above
+`teacher.max_tokens_limit` is a 400. A request still unanswered after
+`serve.request_timeout_s` gets a 504, and a request whose client went away (Serve cancels its
+handler) is dropped; either way its row stops generating (its cancel flag is polled after
+every token) while the rest of its batch goes on.
+
+The `vllm` backend is Ray Serve LLM's own OpenAI app (see `teacher/vllm_backend.py`), which has
+its own continuous batching and structured outputs but not our auth, size limit and /metrics.
 
 - `build_teacher_app(cfg)` → a Serve application (route prefix chosen at deploy time);
 - `local_teacher(cfg)` → deploys it on the running Ray, yields the OpenAI base URL;
@@ -18,19 +30,22 @@ its own continuous batching but not our auth, size limit and /metrics.
 # under Serve's ingress it cannot resolve them from strings.
 import asyncio
 import math
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException
 
 from rebase_ray.config import TeacherConfig
+from rebase_ray.generation import Constraint, UnsupportedSchema
 from rebase_ray.serve.http import (
     Guard,
     base_url,
@@ -39,7 +54,13 @@ from rebase_ray.serve.http import (
     start_proxy,
     wait_for_interrupt,
 )
-from rebase_ray.teacher.backends import Completion, Messages, SamplingParams, make_backend
+from rebase_ray.teacher.backends import (
+    Completion,
+    Messages,
+    OutputFormat,
+    SamplingParams,
+    make_backend,
+)
 from rebase_ray.teacher.vllm_backend import IMPORT_PATH as VLLM_IMPORT_PATH
 from rebase_ray.teacher.vllm_backend import build_vllm_app, openai_app_args, served_name
 
@@ -64,6 +85,71 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+
+    def constraint(self) -> Constraint | None:
+        return None
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_object"]
+
+    def constraint(self) -> Constraint | None:
+        return Constraint.json_object()
+
+
+class JSONSchema(BaseModel):
+    """OpenAI's `response_format.json_schema`. The schema is enforced whatever `strict` says."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+    def constraint(self) -> Constraint | None:
+        return Constraint.json_schema(self.json_schema.schema_)
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat,
+                           Field(discriminator="type")]
+STRUCTURED_OUTPUTS_KEYS = ("choice", "json")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` request field. Of its keys this server supports `choice`
+    (one of these strings) and `json` (a JSON schema); any other key set is refused."""
+
+    model_config = ConfigDict(extra="allow")
+    choice: list[str] | None = None
+    json_: dict[str, Any] | None = Field(default=None, alias="json")
+
+    @model_validator(mode="after")
+    def _one_supported_key(self) -> Self:
+        unsupported = sorted(k for k, v in (self.model_extra or {}).items() if v is not None)
+        if unsupported:
+            raise ValueError(f"structured_outputs {', '.join(map(repr, unsupported))} is not "
+                             f"supported by this server (it supports "
+                             f"{' and '.join(map(repr, STRUCTURED_OUTPUTS_KEYS))})")
+        if (self.choice is None) == (self.json_ is None):
+            raise ValueError("structured_outputs needs exactly one of 'choice' and 'json'")
+        return self
+
+    def constraint(self) -> Constraint:
+        if self.choice is not None:
+            return Constraint.choice(self.choice)
+        return Constraint.json_schema(self.json_)
+
+
 class ChatRequest(BaseModel):
     """OpenAI's chat request; unknown fields are ignored, as OpenAI-compatible servers do."""
 
@@ -78,15 +164,55 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    # Accepted for compatibility; the transformers backend cannot constrain decoding to JSON.
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
-    def sampling(self) -> SamplingParams:
+    @model_validator(mode="after")
+    def _one_format(self) -> Self:
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ValueError("set response_format or structured_outputs, not both")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p,
-            max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            max_tokens=self.requested_max_tokens or default_max_tokens,
             n=self.n, seed=self.seed, stop=tuple(s for s in stop if s))
+
+    def output_format(self) -> OutputFormat | None:
+        """The structured output asked for (None: none); raises UnsupportedSchema naming a
+        schema feature the grammar engine cannot enforce."""
+        if self.response_format is not None:
+            fields = {"response_format": self.response_format.model_dump(by_alias=True,
+                                                                         exclude_unset=True)}
+            return OutputFormat(fields, self.response_format.constraint())
+        if self.structured_outputs is not None:
+            fields = {"structured_outputs": self.structured_outputs.model_dump(
+                by_alias=True, exclude_unset=True)}
+            return OutputFormat(fields, self.structured_outputs.constraint())
+        return None
+
+
+@dataclass
+class Row:
+    """One request waiting for its batch: `cancelled()` turns true when it timed out or its
+    client went away, and stops its generation."""
+
+    messages: Messages
+    params: SamplingParams
+    format: OutputFormat | None
+    cancelled: Callable[[], bool]
+    arrived: float
+
+    def group(self) -> tuple:
+        """The sampling parameters one generate call shares (max_tokens is per row)."""
+        p = self.params
+        return p.temperature, p.top_p, p.n, p.seed, p.stop
 
 
 class ReplicaStats:
@@ -95,7 +221,8 @@ class ReplicaStats:
     def __init__(self, replica: str):
         self.replica = replica
         self.started = time.time()
-        self.requests = self.errors = self.timeouts = 0
+        self.requests = self.structured = self.errors = self.timeouts = self.disconnects = 0
+        self.aborted = self.truncated = 0  # choices cancelled / cut by max_tokens
         self.batches = 0
         self.batch_sizes: Counter[int] = Counter()  # rows per generate call → count
         self.prompt_tokens = self.completion_tokens = 0
@@ -110,6 +237,8 @@ class ReplicaStats:
         for choices in comps:
             self.prompt_tokens += choices[0].prompt_tokens if choices else 0
             self.completion_tokens += sum(c.completion_tokens for c in choices)
+            self.aborted += sum(c.finish_reason == "abort" for c in choices)
+            self.truncated += sum(c.finish_reason == "length" for c in choices)
 
     def record_queue(self, seconds: float) -> None:
         self.queued += 1
@@ -120,8 +249,9 @@ class ReplicaStats:
         rows = sum(size * count for size, count in self.batch_sizes.items())
         return {
             "replica": self.replica, "uptime_s": round(time.time() - self.started, 3),
-            "requests": self.requests, "errors": self.errors, "timeouts": self.timeouts,
-            "batches": self.batches,
+            "requests": self.requests, "structured": self.structured, "errors": self.errors,
+            "timeouts": self.timeouts, "disconnects": self.disconnects,
+            "aborted": self.aborted, "truncated": self.truncated, "batches": self.batches,
             "batch_size_mean": rows / self.batches if self.batches else 0.0,
             "batch_size_max": max(self.batch_sizes, default=0),
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
@@ -160,6 +290,7 @@ class TeacherServer:
         self.backend = make_backend(config)
         self.guard = Guard(api_key, config.serve.max_request_bytes)
         self.timeout_s = config.serve.request_timeout_s
+        self.max_tokens_limit = config.max_tokens_limit
         self.generate_batch.set_max_batch_size(config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.stats = ReplicaStats(serve.get_replica_context().replica_id.to_full_id_str())
@@ -189,34 +320,54 @@ class TeacherServer:
         if req.model not in (None, self.model_name):
             raise HTTPException(404, f"the model {req.model!r} does not exist; this server "
                                      f"serves {self.model_name!r}")
-        self.stats.requests += 1
-        messages = [m.plain() for m in req.messages]
+        limit = self.max_tokens_limit
+        if req.requested_max_tokens is not None and req.requested_max_tokens > limit:
+            raise HTTPException(400, f"max_tokens / max_completion_tokens "
+                                     f"{req.requested_max_tokens} is over this server's limit "
+                                     f"of {limit} (teacher.max_tokens_limit)")
         try:
-            choices = await asyncio.wait_for(
-                self.generate_batch((messages, req.sampling(), time.monotonic())),
-                self.timeout_s)
+            fmt = req.output_format()
+            if fmt is not None:  # compiled here, so a schema the engine refuses is a 400
+                await asyncio.to_thread(self.backend.prepare, fmt)
+        except UnsupportedSchema as exc:
+            raise HTTPException(400, f"unsupported structured output: {exc}") from None
+        self.stats.requests += 1
+        if fmt is not None and fmt.constraint is not None:
+            self.stats.structured += 1
+        cancel = threading.Event()
+        row = Row([m.plain() for m in req.messages], req.sampling(min(DEFAULT_MAX_TOKENS, limit)),
+                  fmt, cancel.is_set, time.monotonic())
+        try:
+            choices = await asyncio.wait_for(self.generate_batch(row), self.timeout_s)
         except asyncio.TimeoutError:
+            cancel.set()
             self.stats.timeouts += 1
             raise HTTPException(504, f"no answer within {self.timeout_s} s") from None
+        except asyncio.CancelledError:  # the client went away and Serve cancelled this handler
+            cancel.set()
+            self.stats.disconnects += 1
+            raise
         except Exception as exc:
             self.stats.errors += 1
             raise HTTPException(500, f"generation failed: {exc}") from exc
         return chat_response(self.model_name, choices)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
-    async def generate_batch(
-            self, items: list[tuple[Messages, SamplingParams, float]]) -> list[list[Completion]]:
+    async def generate_batch(self, rows: list[Row]) -> list[list[Completion]]:
         start = time.monotonic()
-        for _, _, arrived in items:
-            self.stats.record_queue(start - arrived)
-        groups: dict[SamplingParams, list[int]] = {}
-        for i, (_, params, _) in enumerate(items):
-            groups.setdefault(params, []).append(i)
-        results: list[list[Completion]] = [[] for _ in items]
-        for params, indices in groups.items():
+        for row in rows:
+            self.stats.record_queue(start - row.arrived)
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.group(), []).append(i)
+        results: list[list[Completion]] = [[] for _ in rows]
+        for indices in groups.values():
+            group = [rows[i] for i in indices]
             t0 = time.monotonic()
-            out = await asyncio.to_thread(self.backend.generate,
-                                          [items[i][0] for i in indices], params)
+            out = await asyncio.to_thread(
+                self.backend.generate, [r.messages for r in group], group[0].params,
+                max_tokens=[r.params.max_tokens for r in group],
+                formats=[r.format for r in group], cancelled=[r.cancelled for r in group])
             self.stats.record_batch(len(indices), time.monotonic() - t0, out)
             for i, choices in zip(indices, out):
                 results[i] = choices

@@ -1,10 +1,13 @@
 """The teacher backend interface and the transformers backend.
 
 A backend turns a batch of chat conversations plus one set of sampling parameters into
-completions with token counts: `generate(conversations, params) -> list[list[Completion]]`,
-`params.n` completions per conversation. Backends:
-- `TransformersBackend` (this module): batched `generate` with left padding, CPU or CUDA,
-  optionally with a peft LoRA adapter on top of the base model (the student is served this way);
+completions with token counts: `generate(conversations, params, max_tokens=, formats=,
+cancelled=) -> list[list[Completion]]`, `params.n` completions per conversation; each
+conversation may have its own max_tokens, its own structured output (`OutputFormat`, None:
+free text) and a `cancelled()` callable that stops its generation early. Backends:
+- `TransformersBackend` (this module): `rebase_ray.generation` (one batched `generate` call,
+  grammar-constrained rows next to free ones), CPU or CUDA, optionally with a peft LoRA adapter
+  on top of the base model (the student is served this way);
 - `OpenAIBackend` (`openai_backend.py`): any OpenAI-compatible server;
 - vLLM is not a backend object: on GPUs the whole endpoint is Ray Serve LLM's OpenAI app
   (`vllm_backend.py`), so vLLM's own continuous batching serves the requests.
@@ -12,10 +15,12 @@ completions with token counts: `generate(conversations, params) -> list[list[Com
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from rebase_ray.config import TeacherConfig
+from rebase_ray.generation import LM, Constraint, generate
 
 Messages = list[dict[str, str]]
 
@@ -33,78 +38,70 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class OutputFormat:
+    """A request's structured output. `fields`: the request fields as the client sent them
+    (`response_format`, vLLM's `structured_outputs`), which a remote backend forwards unchanged;
+    `constraint`: what they mean to the grammar engine (None: free text)."""
+
+    fields: dict[str, Any]
+    constraint: Constraint | None
+
+
 @dataclass
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    # "stop" (end of sequence or a stop string), "length" (cut by max_tokens) or "abort"
+    # (its cancelled() became true)
+    finish_reason: str
 
 
 class Backend(Protocol):
-    def generate(self, conversations: list[Messages],
-                 params: SamplingParams) -> list[list[Completion]]: ...
+    def prepare(self, fmt: OutputFormat) -> None:
+        """Get `fmt` ready before its request is queued; raises UnsupportedSchema (naming the
+        feature) when this backend cannot enforce it."""
+
+    def generate(self, conversations: list[Messages], params: SamplingParams, *,
+                 max_tokens: Sequence[int] | None = None,
+                 formats: Sequence[OutputFormat | None] | None = None,
+                 cancelled: Sequence[Callable[[], bool] | None] | None = None,
+                 ) -> list[list[Completion]]: ...
 
 
 class TransformersBackend:
-    """A causal LM from transformers (plus an optional LoRA adapter), batched with left padding."""
+    """A causal LM from transformers (plus an optional LoRA adapter) run by
+    `rebase_ray.generation`: one batched, left-padded `generate` call per batch."""
 
     def __init__(self, model: str, adapter: str | None = None, dtype: str = "auto",
                  device: str | None = None):
-        from rebase_ray.models import load_adapter, load_causal_lm
+        self.lm = LM.load(model, adapter=adapter, device=device, dtype=dtype)
 
-        self.model, self.tokenizer = load_causal_lm(model, device=device, dtype=dtype)
-        if adapter:
-            self.model = load_adapter(self.model, adapter)
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.pad_id = self.tokenizer.pad_token_id
+    def prepare(self, fmt: OutputFormat) -> None:
+        """Compile the format's grammar (once per schema: the grammars are cached)."""
+        if fmt.constraint is not None:
+            self.lm.grammars.compile(fmt.constraint)
 
-    def generate(self, conversations: list[Messages],
-                 params: SamplingParams) -> list[list[Completion]]:
-        import torch
-
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(self.model.device)
-        sample = params.temperature > 0
-        # Greedy decoding gives n identical answers: decode once and repeat.
-        per_prompt = params.n if sample else 1
-        kwargs = {"max_new_tokens": params.max_tokens, "do_sample": sample,
-                  "num_return_sequences": per_prompt, "pad_token_id": self.pad_id}
-        if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs)
-        new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
-        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
-        results: list[list[Completion]] = []
-        for i, prompt_len in enumerate(prompt_tokens):
-            rows = new_tokens[i * per_prompt:(i + 1) * per_prompt]
-            comps = [self._completion(r, int(prompt_len), params) for r in rows]
-            results.append(comps if sample else comps * params.n)
-        return results
-
-    def _completion(self, tokens: list[int], prompt_tokens: int,
-                    params: SamplingParams) -> Completion:
-        count, ended = len(tokens), False
-        for j, t in enumerate(tokens):
-            if t in self.eos_ids or t == self.pad_id:
-                count, ended = j + 1, t in self.eos_ids
-                break
-        text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
-        hits = [text.find(s) for s in params.stop if s in text]
-        if hits:
-            text, ended = text[:min(hits)], True
-        reason = "stop" if ended or count < params.max_tokens else "length"
-        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=count,
-                          finish_reason=reason)
+    def generate(self, conversations: list[Messages], params: SamplingParams, *,
+                 max_tokens: Sequence[int] | None = None,
+                 formats: Sequence[OutputFormat | None] | None = None,
+                 cancelled: Sequence[Callable[[], bool] | None] | None = None,
+                 ) -> list[list[Completion]]:
+        """`max_tokens`, `formats`, `cancelled`: one per conversation (default: params.max_tokens
+        for all, free text, never cancelled)."""
+        out = generate(
+            self.lm, [self.lm.render(c) for c in conversations],
+            max_new_tokens=params.max_tokens if max_tokens is None else max_tokens,
+            temperature=params.temperature, top_p=params.top_p, n=params.n, seed=params.seed,
+            stop=params.stop,
+            constraints=None if formats is None else [None if f is None else f.constraint
+                                                    for f in formats],
+            cancelled=cancelled)
+        return [[Completion(text=g.text, prompt_tokens=g.prompt_tokens,
+                            completion_tokens=g.completion_tokens,
+                            finish_reason=g.finish_reason) for g in choices]
+                for choices in out]
 
 
 def make_backend(cfg: TeacherConfig) -> Backend:

@@ -8,12 +8,17 @@ accounting, and a hard budget on requests: once `max_requests` requests have bee
 next ones are not sent and come back as `BudgetExceeded` in the result list. Retries of a sent
 request do not count against the budget (`max_retries` bounds them); `http_attempts` counts
 every HTTP request that went out, retries included.
+
+Structured outputs: `response_format` (OpenAI's field) goes out as is; `structured_outputs`
+(vLLM's field, e.g. {"choice": [...]}) goes in the request body through the openai client's
+`extra_body`, so one call works against our Serve teacher and vLLM alike. A reply cut by
+max_tokens keeps the server's finish_reason "length" and counts as `truncated`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +39,7 @@ class ClientStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failures: int = 0  # sent requests that ended in an error after all retries
+    truncated: int = 0  # answers cut by max_tokens (finish_reason "length")
     refused: int = 0  # requests not sent because the budget was spent
 
 
@@ -80,12 +86,17 @@ class TeacherClient:
             self.model = models.data[0].id
         return self.model
 
-    async def chat(self, messages: Messages, **sampling: Any) -> Completion:
+    async def chat(self, messages: Messages, *, structured_outputs: dict[str, Any] | None = None,
+                   **sampling: Any) -> Completion:
         """One chat completion. `sampling`: temperature, top_p, max_tokens, seed, stop,
-        response_format (passed to the server as OpenAI fields). Raises BudgetExceeded when
-        the budget is spent, or the openai error after the client's retries."""
+        response_format, extra_body (passed to the openai client as they are);
+        `structured_outputs`: vLLM's field, sent in the body. Raises BudgetExceeded when the
+        budget is spent, or the openai error after the client's retries."""
         if sampling.get("n", 1) != 1:
             raise ValueError("TeacherClient.chat asks for one completion (n=1) per request")
+        if structured_outputs is not None:
+            sampling["extra_body"] = {**(sampling.get("extra_body") or {}),
+                                      "structured_outputs": structured_outputs}
         client, semaphore = self._for_this_loop()
         async with semaphore:
             if self.max_requests is not None and self.stats.requests >= self.max_requests:
@@ -105,24 +116,32 @@ class TeacherClient:
         completion_tokens = usage.completion_tokens if usage else 0
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
+        finish_reason = choice.finish_reason or "stop"
+        if finish_reason == "length":
+            self.stats.truncated += 1
         return Completion(text=choice.message.content or "", prompt_tokens=prompt_tokens,
-                          completion_tokens=completion_tokens,
-                          finish_reason=choice.finish_reason or "stop")
+                          completion_tokens=completion_tokens, finish_reason=finish_reason)
 
     def chat_many(self, conversations: list[Messages],
                   progress: Callable[[int], Any] | None = None,
+                  per_request: Sequence[dict[str, Any]] | None = None,
                   **sampling: Any) -> list[Completion | Exception]:
         """Answer many conversations with at most `concurrency` in flight; results keep the
         input order, and a failed or refused request is its exception. `progress` is called
-        with 1 as each request finishes (e.g. a tqdm bar's `update`)."""
-        return asyncio.run(self._chat_many(conversations, progress, sampling))
+        with 1 as each request finishes (e.g. a tqdm bar's `update`). `per_request`: one dict
+        of `chat` arguments per conversation, over `sampling`."""
+        own = per_request if per_request is not None else [{}] * len(conversations)
+        if len(own) != len(conversations):
+            raise ValueError("per_request needs one entry per conversation")
+        return asyncio.run(self._chat_many(conversations, progress,
+                                           [{**sampling, **o} for o in own]))
 
     async def _chat_many(self, conversations: list[Messages],
                          progress: Callable[[int], Any] | None,
-                         sampling: dict[str, Any]) -> list[Completion | Exception]:
-        async def one(messages: Messages) -> Completion | Exception:
+                         requests: list[dict[str, Any]]) -> list[Completion | Exception]:
+        async def one(messages: Messages, kwargs: dict[str, Any]) -> Completion | Exception:
             try:
-                return await self.chat(messages, **sampling)
+                return await self.chat(messages, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash
                 return exc
             finally:
@@ -130,7 +149,8 @@ class TeacherClient:
                     progress(1)
 
         try:
-            return list(await asyncio.gather(*(one(m) for m in conversations)))
+            return list(await asyncio.gather(*(one(m, kw)
+                                               for m, kw in zip(conversations, requests))))
         finally:
             await self._close()
 

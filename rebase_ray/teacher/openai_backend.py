@@ -1,10 +1,13 @@
 """The `openai` backend: any OpenAI-compatible server (vLLM's own server, Ray Serve LLM, a hosted
-API) behind the backend interface, through `TeacherClient`."""
+API) behind the backend interface, through `TeacherClient`. Structured outputs go to the server
+unchanged (the request's `response_format` / `structured_outputs`): the server enforces them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from rebase_ray.config import TeacherConfig
-from rebase_ray.teacher.backends import Completion, Messages, SamplingParams
+from rebase_ray.teacher.backends import Completion, Messages, OutputFormat, SamplingParams
 from rebase_ray.teacher.client import TeacherClient
 
 
@@ -20,15 +23,28 @@ class OpenAIBackend:
         return cls(TeacherClient(cfg.url, api_key=cfg.api_key, model=cfg.served_model_name,
                                  concurrency=cfg.max_batch_size))
 
-    def generate(self, conversations: list[Messages],
-                 params: SamplingParams) -> list[list[Completion]]:
-        """`n` requests per conversation (one completion each, the k-th with seed + k);
-        raises the first error."""
+    def prepare(self, fmt: OutputFormat) -> None:
+        """Nothing to prepare: the remote server compiles (or refuses) the format."""
+
+    def generate(self, conversations: list[Messages], params: SamplingParams, *,
+                 max_tokens: Sequence[int] | None = None,
+                 formats: Sequence[OutputFormat | None] | None = None,
+                 cancelled: Sequence[Callable[[], bool] | None] | None = None,
+                 ) -> list[list[Completion]]:
+        """`n` requests per conversation (one completion each, the k-th with seed + k), each
+        with its conversation's max_tokens and format fields; raises the first error.
+        `cancelled` is not polled: a sent request runs until the server answers (under the
+        client's timeout)."""
+        limits = list(max_tokens) if max_tokens is not None else (
+            [params.max_tokens] * len(conversations))
+        fields = [{} if f is None else f.fields
+                  for f in (formats if formats is not None else [None] * len(conversations))]
+        per_request = [{"max_tokens": m, **f} for m, f in zip(limits, fields)]
         rounds = []
         for k in range(params.n):
             results = self.client.chat_many(
-                conversations, temperature=params.temperature, top_p=params.top_p,
-                max_tokens=params.max_tokens, stop=list(params.stop) or None,
+                conversations, per_request=per_request, temperature=params.temperature,
+                top_p=params.top_p, stop=list(params.stop) or None,
                 seed=None if params.seed is None else params.seed + k)
             for r in results:
                 if isinstance(r, Exception):

@@ -1,6 +1,8 @@
 """The vLLM backend: Ray Serve LLM's OpenAI app (`ray.serve.llm.build_openai_app`) running the
 vLLM engine, with vLLM's own continuous batching. Our code only translates `TeacherConfig` into
-an `LLMConfig`; everything else is Ray Serve LLM's.
+an `LLMConfig`; everything else is Ray Serve LLM's. Structured outputs are vLLM's own: requests
+reach its OpenAI server unchanged, so `response_format` (json_object, json_schema) and
+`structured_outputs` (choice, json, regex, grammar) are enforced by vLLM's grammar backend.
 
 vLLM and `ray[llm]` are imported lazily (they are CUDA-only and live in the `gpu` extra). This
 path cannot run in the development workplace (no vLLM-capable GPU there): it is tested up to the

@@ -41,7 +41,7 @@ def check_labels(client: TeacherClient, task: TaskConfig, ctx: FilterContext,
     k = 1 if cfg.mode == "roundtrip" else cfg.votes
     prompts = [classify_messages(task, inp) for inp, _ in examples]
     sampling = {"temperature": 0.0 if k == 1 else cfg.temperature, "max_tokens": max_tokens,
-                "extra_body": {"structured_outputs": label_choice(task)}}
+                "structured_outputs": label_choice(task)}
     # one round over every example per vote, each with its own seed: k samples, not one
     # sample repeated
     rounds = [client.chat_many(prompts, seed=seed + j, **sampling) for j in range(k)]

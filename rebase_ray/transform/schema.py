@@ -54,7 +54,7 @@ def response_format(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def label_choice(task: TaskConfig) -> dict[str, Any]:
-    """vLLM's `structured_outputs` field (sent as an extra body field) for one label."""
+    """vLLM's `structured_outputs` request field for one label of the task."""
     return {"choice": list(task.labels or [])}
 
 

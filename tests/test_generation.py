@@ -1,0 +1,63 @@
+"""rebase_ray.generation on the tiny random model: one batched generate call mixing a JSON
+schema, a choice, a JSON object and a free row, each with its own limit; cancellation; the
+schema check; the grammar cache. (Log-likelihood is checked against a forward pass by hand in
+test_evaluate.py, through the evaluation that uses it.)"""
+
+import json
+
+import jsonschema
+import pytest
+
+from rebase_ray.generation import LM, Constraint, UnsupportedSchema, generate
+from rebase_ray.models import TINY
+
+SCHEMA = {"type": "object", "properties": {
+    "input": {"type": "string", "minLength": 1, "maxLength": 40},
+    "output": {"type": "string", "enum": ["sport", "tech"]}},
+    "required": ["input", "output"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LM.load(TINY)
+
+
+def test_mixed_batch_each_row_its_own_constraint_and_limit(lm):
+    prompts = [lm.render([{"role": "user", "content": f"Write something {i}."}])
+               for i in range(4)]
+    constraints = [Constraint.json_schema(SCHEMA), Constraint.choice(["yes", "no"]),
+                   Constraint.json_object(), None]
+    for seed in range(3):
+        out = generate(lm, prompts, max_new_tokens=[120, 8, 120, 5], temperature=1.0, n=2,
+                       seed=seed, constraints=constraints)
+        for choice in out[0]:
+            assert choice.finish_reason == "stop"
+            obj = json.loads(choice.text)  # strict JSON: no raw control characters
+            jsonschema.validate(obj, SCHEMA)
+            assert list(obj) == ["input", "output"]  # the schema's order
+        assert {c.text for c in out[1]} <= {"yes", "no"}
+        assert all(c.finish_reason == "stop" for c in out[1])
+        for choice in out[2]:
+            if choice.finish_reason == "stop":
+                assert isinstance(json.loads(choice.text), dict)
+        assert all(c.completion_tokens == 5 and c.finish_reason == "length" for c in out[3])
+
+
+def test_cancelled_row_stops_and_says_abort(lm):
+    prompts = [lm.render([{"role": "user", "content": "Count."}])] * 2
+    out = generate(lm, prompts, max_new_tokens=40, cancelled=[lambda: True, None])
+    assert (out[0][0].finish_reason, out[0][0].completion_tokens) == ("abort", 1)
+    assert (out[1][0].finish_reason, out[1][0].completion_tokens) == ("length", 40)
+
+
+def test_unsupported_schema_names_the_feature_and_schemas_compile_once(lm):
+    with pytest.raises(UnsupportedSchema, match="'uniqueItems'"):
+        Constraint.json_schema({"type": "array", "uniqueItems": True})
+    with pytest.raises(UnsupportedSchema, match="'not'.*properties.a"):
+        Constraint.json_schema({"type": "object", "properties": {"a": {"not": {}}}})
+    with pytest.raises(UnsupportedSchema, match="lookaround"):
+        Constraint.json_schema({"type": "string", "pattern": "(?=a)b"})
+    before = lm.grammars.cached
+    first = lm.grammars.compile(Constraint.json_schema(SCHEMA))
+    again = lm.grammars.compile(Constraint.json_schema(json.loads(json.dumps(SCHEMA))))
+    assert first is again and lm.grammars.cached <= before + 1
