@@ -70,8 +70,9 @@ def main() -> None:
         result = evaluate(TASK, eval_rows, SMOLLM2, summary["adapter"], ecfg)
     ray.shutdown()
 
-    base = result["runs"]["base"]["micro"]["accuracy"]
-    trained = result["runs"]["trained"]["micro"]["accuracy"]
+    key = result["keys"][0]  # acc: the label ranked first by log-likelihood
+    base = result["runs"]["base"]["micro"][key]
+    trained = result["runs"]["trained"]["micro"][key]
     figures = {
         "train_rows": len(train_rows), "eval_rows": len(eval_rows), "workers": args.workers,
         "steps": summary["steps"], "batch_size": cfg.batch_size,
@@ -79,8 +80,9 @@ def main() -> None:
         "tokens_per_s": summary["tokens_per_s"], "train_wall_s": round(train_wall, 1),
         "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
         "base_accuracy": base, "trained_accuracy": trained,
-        "base_macro": result["runs"]["base"]["macro"]["accuracy"],
-        "trained_macro": result["runs"]["trained"]["macro"]["accuracy"],
+        "metric": key,
+        "base_macro": result["runs"]["base"]["macro"][key],
+        "trained_macro": result["runs"]["trained"]["macro"][key],
         "eval_s": result["seconds"], "eval_examples_per_s": result["examples_per_s"],
         "base_answers": sorted({p["base"]["answer"][:20] for p in result["predictions"]})[:10],
     }

@@ -228,7 +228,6 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Evaluate the student (and the base model as baseline) per domain; write the report."""
-    import ray
 
     from rebase_ray.config import EvaluateConfig, TrainConfig, load_pipeline, load_task, validate
     from rebase_ray.evaluate import evaluate, metric_rows
@@ -248,9 +247,7 @@ def eval_(
         if not eval_set.records:
             raise ConfigError(f"{task}: no eval records (`eval` missing, or every row rejected: "
                               f"{len(eval_set.rejects)} rejects)")
-        if pipe and not ray.is_initialized():
-            ray.init(address=pipe.ray.address, num_cpus=pipe.ray.num_cpus,
-                     num_gpus=pipe.ray.num_gpus)
+        init_ray(pipe.ray if pipe else None)
         ref = model or (pipe.train.model if pipe else TrainConfig().model)
         result = evaluate(task_cfg, eval_set.records, ref, adapter, cfg, s3)
         summary = {"task": task_cfg.name, "model": ref, "adapter": adapter, "n": result["n"],

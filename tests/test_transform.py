@@ -192,9 +192,9 @@ def test_real_serve_teacher_tiny_model(ray_cluster, serve_port, tmp_path):
     valid JSON of that schema, and every row ends exactly once."""
     import jsonschema
 
-    from rebase_ray.transform.schema import example_schema
     from rebase_ray.config import ServeConfig, TeacherConfig
     from rebase_ray.serve.teacher import local_teacher
+    from rebase_ray.transform.schema import example_schema
 
     hits = write_hits(str(tmp_path / "hits"), ["r-keep1", "r-keep2", "r-keep3", "r-label"])
     cfg = TeacherConfig(model="bundled:tiny-random-llama",

@@ -14,6 +14,7 @@ import numpy as np
 
 from rebase_ray.config import EvaluateConfig, S3Config
 from rebase_ray.formats import student_messages
+from rebase_ray.runtime import init_ray
 
 
 class Predictor:
@@ -71,8 +72,7 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
     is given."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     ds = ray.data.from_items([{"idx": i, "input": x} for i, x in enumerate(inputs)])
     ds = ds.map_batches(
         Predictor,

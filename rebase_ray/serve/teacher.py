@@ -37,12 +37,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException
+from typing_extensions import Self  # typing.Self is Python 3.11+
 
 from rebase_ray.config import TeacherConfig
 from rebase_ray.generation import Constraint, UnsupportedSchema
