@@ -105,8 +105,6 @@ class Grammars:
         except ImportError as exc:  # pragma: no cover - the Makefile installs it
             raise ImportError("structured outputs need xgrammar: pip install --no-deps "
                               "'xgrammar>=0.2.8,<0.3' 'apache-tvm-ffi>=0.1.11'") from exc
-        self.xgr = xgr
-        self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=list(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info)
