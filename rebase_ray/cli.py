@@ -1,16 +1,37 @@
 """The `rebase-ray` command: one verb per stage. Stages return summaries; this module renders
-them (a rich table, or JSON with --json) and turns known errors into one clear line."""
+them (a rich table, or JSON with --json) and turns known errors into one clear line.
+
+The console: stdout carries the summary only (with --json, exactly one JSON document);
+stderr carries progress (a bar per long task on a terminal, one line at the start and one at
+the end of each task otherwise), one line per pipeline stage, `logs: PATH` and errors. The logs
+of Ray, Ray Data, Ray Serve and Ray Train go to that file (`rebase_ray.logs`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from rebase_ray import progress
 from rebase_ray.config import ConfigError, RayConfig
 from rebase_ray.models import ModelError
 from rebase_ray.runtime import init_ray
@@ -20,50 +41,258 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train small task experts with no task data (ReBase + BalDistill on Ray).")
 console = Console(stderr=True)
 USER_ERRORS = (ConfigError, StorageError, ModelError, FileNotFoundError)
+MAX_TABLE_ROWS = 15  # rows of a nested list of records shown; the rest is in --json / reports
+MAX_CELL = 48  # characters of one table cell
+MAX_VALUE = 160  # characters of one scalar value
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class ConsoleProgress:
+    """The CLI's progress sink (`rebase_ray.progress`), on `console` (stderr).
+
+    On a terminal: one rich bar per running task; when a task ends its bar is removed and one
+    line stays ("transform: rows 40/40 (12.3 s)"). Elsewhere (stderr piped to a file, CI): one
+    line when a task starts and one when it ends, nothing in between. Never writes to stdout.
+    `advance` may be called from any thread."""
+
+    def __init__(self, out: Console):
+        self.console = out
+        self._lock = threading.Lock()
+        self._bars: Progress | None = None
+        self._running = 0
+
+    @contextlib.contextmanager
+    def __call__(self, description: str, total: int | None
+                 ) -> Iterator[Callable[[int], None]]:
+        if self.console.is_terminal:
+            with self._bar(description, total) as advance:
+                yield advance
+            return
+        count = [0]
+        lock = threading.Lock()
+
+        def advance(n: int = 1) -> None:
+            with lock:
+                count[0] += n
+
+        t0 = time.monotonic()
+        self.console.print(f"{description}: started"
+                           + (f" ({total} to do)" if total is not None else ""),
+                           highlight=False, soft_wrap=True)
+        ended = "stopped"
+        try:
+            yield advance
+            ended = ""
+        finally:
+            self._final(description, count[0], total, t0, ended)
+
+    @contextlib.contextmanager
+    def _bar(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        with self._lock:
+            if self._bars is None:
+                self._bars = Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                    transient=True, redirect_stdout=False, redirect_stderr=False)
+                self._bars.start()
+            bars = self._bars
+            self._running += 1
+            task_id = bars.add_task(description, total=total)
+        t0 = time.monotonic()
+
+        def advance(n: int = 1) -> None:
+            bars.advance(task_id, n)
+
+        ended = "stopped"
+        try:
+            yield advance
+            ended = ""
+        finally:
+            with self._lock:
+                done = int(next(t.completed for t in bars.tasks if t.id == task_id))
+                bars.remove_task(task_id)
+                self._final(description, done, total, t0, ended)  # printed above the bars
+                self._running -= 1
+                if self._running == 0:
+                    bars.stop()
+                    self._bars = None
+
+    def _final(self, description: str, done: int, total: int | None, t0: float,
+               ended: str) -> None:
+        count = f"{done}/{total}" if total is not None else str(done)
+        self.console.print(f"{description}: {count} ({time.monotonic() - t0:.1f} s)"
+                           + (f" {ended}" if ended else ""), highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- rendering
 
 
 def render(summary: dict[str, Any], as_json: bool, title: str) -> None:
-    """Print a stage summary: JSON on stdout, or tables on the terminal (nested lists of
-    records become their own tables)."""
+    """Print a stage summary: JSON on stdout, or compact tables on the terminal: scalars in
+    one table, each nested list of records in its own table of at most MAX_TABLE_ROWS rows
+    (the rest is in --json and the reports)."""
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+        sys.stdout.flush()
         return
     out = Console()
-    scalars = Table(title=title, show_header=False)
-    scalars.add_column("key", style="bold")
-    scalars.add_column("value")
-    tables = []
-    for key, value in summary.items():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            tables.append((key, value))
-        elif isinstance(value, dict) and value and all(
-                not isinstance(v, (dict, list)) for v in value.values()):
-            scalars.add_row(key, ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()))
-        else:
-            scalars.add_row(key, _fmt(value))
+    scalars = Table(title=title, show_header=False, box=box.SIMPLE)
+    scalars.add_column("key", style="bold", no_wrap=True)
+    scalars.add_column("value", overflow="fold")
+    tables: list[tuple[str, list[dict]]] = []
+    _collect(summary, "", scalars, tables)
     out.print(scalars)
     for key, rows in tables:
-        t = Table(title=key)
-        cols = list(dict.fromkeys(c for r in rows for c in r))
-        for c in cols:
-            t.add_column(c)
-        for r in rows:
-            t.add_row(*(_fmt(r.get(c, "")) for c in cols))
-        out.print(t)
+        table, more = _records_table(key, rows, out.width)
+        out.print(table)
+        if more:
+            out.print(f"  … {more} more rows (see the JSON / report)", highlight=False)
+
+
+def _is_records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _collect(summary: dict[str, Any], prefix: str, scalars: Table,
+             tables: list[tuple[str, list[dict]]]) -> None:
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if _is_records(value):
+            tables.append((name, value))
+        elif isinstance(value, dict) and value and any(
+                isinstance(v, (dict, list)) for v in value.values()):
+            _collect(value, f"{name}.", scalars, tables)
+        elif isinstance(value, dict) and value:
+            scalars.add_row(name, _cut(", ".join(f"{k}={_fmt(v)}" for k, v in value.items()),
+                                       MAX_VALUE))
+        else:
+            scalars.add_row(name, _cut(_fmt(value), MAX_VALUE))
+
+
+def _records_table(key: str, rows: list[dict], width: int) -> tuple[Table, int]:
+    """(a table of at most MAX_TABLE_ROWS rows, one line each, the number of rows left out).
+    When the columns do not fit in `width`, the widest are cut first (a long path, not the
+    status beside it); a path keeps its end."""
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    shown = [[_fmt(r.get(c, "")) for c in cols] for r in rows[:MAX_TABLE_ROWS]]
+    widths = [min(MAX_CELL, max(len(c), *(len(row[i]) for row in shown)))
+              for i, c in enumerate(cols)]
+    room = width - 3 * len(cols) - 1  # padding and separators of box.SIMPLE_HEAD
+    while sum(widths) > room and max(widths) > 8:
+        widths[widths.index(max(widths))] -= 1
+    t = Table(title=key, box=box.SIMPLE_HEAD)
+    for c, w in zip(cols, widths):
+        t.add_column(c, width=w, no_wrap=True, overflow="ellipsis")
+    for row in shown:
+        t.add_row(*(_cut(v, w) for v, w in zip(row, widths)))
+    return t, max(0, len(rows) - MAX_TABLE_ROWS)
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters; a path (or URI) keeps its end."""
+    if len(text) <= limit:
+        return text
+    if "/" in text and " " not in text:
+        return "…" + text[len(text) - limit + 1:]
+    return text[: limit - 1] + "…"
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list) and len(v) > 8:
+        return f"{_cut(json.dumps(v[:3], default=str), 60)} … ({len(v)} items)"
     if isinstance(v, (dict, list)):
         return json.dumps(v, default=str)
     return str(v)
 
 
-def run_verb(fn, *args, title: str, as_json: bool, **kwargs) -> dict:
-    """Call a stage; user errors become one red line and exit code 2."""
+# ----------------------------------------------------------------------------- running a verb
+
+
+_streams: dict[str, Any] = {}  # the running verb's redirected file descriptors
+
+
+def _real_fds() -> bool:
+    """Whether sys.stdout and sys.stderr are this process's fds 1 and 2 (not a test runner's
+    in-memory streams, where only the Python-level redirect applies)."""
     try:
-        summary = fn(*args, **kwargs)
+        return sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
+@contextlib.contextmanager
+def quiet_streams() -> Iterator[None]:
+    """While a stage runs, stdout carries nothing: what the stage, a library or a process it
+    starts writes there goes to stderr (sys.stdout, and fd 1 when it is the real one). Once
+    `route_logs` knows the log file, fds 1 and 2 go to that file too: Ray's C++ core writes
+    its ERROR lines straight to fd 2, libraries draw tqdm bars on sys.stderr; `console` (the
+    CLI's own lines and progress) keeps the real stderr. Everything is restored on exit, so
+    the summary (or the error) is printed where it belongs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    real = _real_fds()
+    saved_out = None
+    if real:
+        saved_out = os.dup(1)
+        os.dup2(2, 1)
+    _streams.clear()
+    _streams["real"] = real
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if "saved_err" in _streams:
+            console.file.flush()
+            os.dup2(_streams["saved_err"], 2)
+            os.close(_streams["saved_err"])
+            console.file = None  # back to sys.stderr
+            _streams["console_file"].close()
+        if saved_out is not None:
+            os.dup2(saved_out, 1)
+            os.close(saved_out)
+        _streams.clear()
+
+
+def _streams_to_file(path: os.PathLike) -> None:
+    """Inside `quiet_streams` on real fds: fds 1 and 2 to the log file, `console` to a copy
+    of the real stderr."""
+    if not _streams.get("real"):
+        return
+    sys.stderr.flush()
+    if "saved_err" not in _streams:
+        _streams["saved_err"] = os.dup(2)
+        _streams["console_file"] = os.fdopen(os.dup(_streams["saved_err"]), "w", buffering=1,
+                                             encoding="utf-8", errors="replace")
+        console.file = _streams["console_file"]
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.dup2(fd, 1)
+    os.close(fd)
+
+
+def route_logs(folder: str | None) -> None:
+    """Ray's (and Ray Data's, Serve's, Train's) logs to `<folder>/logs/rebase-ray.log` when
+    `folder` is local, else to the fallback file (`rebase_ray.logs`), with whatever the stage
+    writes to stdout/stderr (`quiet_streams`); says where, on the console."""
+    from rebase_ray.logs import log_path, log_to_file
+
+    path = log_to_file(log_path(folder))
+    _streams_to_file(path)
+    console.print(f"logs: {path}", highlight=False, soft_wrap=True)
+
+
+def run_verb(fn, *args, title: str, as_json: bool, **kwargs) -> dict:
+    """Call a stage with its output kept off stdout (`quiet_streams`), then render its summary
+    on stdout; user errors become one red line on stderr and exit code 2."""
+    try:
+        with quiet_streams():
+            summary = fn(*args, **kwargs)
     except USER_ERRORS as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -79,6 +308,7 @@ def main(version: bool = typer.Option(False, "--version", help="print the versio
 
         typer.echo(__version__)
         raise typer.Exit()
+    progress.set_sink(ConsoleProgress(console))
 
 
 @app.command()
@@ -90,8 +320,11 @@ def doctor(
     """Check the installation: versions, resources, bundled models, storage."""
     from rebase_ray.doctor import run_doctor
 
-    report = run_doctor(storage=storage, load_models=load_models)
-    render(report, as_json, "rebase-ray doctor")
+    def go() -> dict:
+        route_logs(None)
+        return run_doctor(storage=storage, load_models=load_models)
+
+    report = run_verb(go, title="rebase-ray doctor", as_json=as_json)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -113,6 +346,7 @@ def index(
     from rebase_ray.datastore import build_datastore
 
     def build() -> dict:
+        route_logs(out)
         base = load_pipeline(config) if config else None
         data = (base.index if base else IndexConfig()).model_dump()
         data.update({k: v for k, v in {"shards": shards, "index": index_type,
@@ -145,6 +379,7 @@ def transform(
     from rebase_ray.transform.pipeline import transform as run_transform
 
     def go() -> dict:
+        route_logs(out)
         pipe = load_pipeline(config) if config else None
         teacher_cfg = pipe.teacher if pipe else TeacherConfig()
         key = teacher_cfg.api_key or os.environ.get("REBASE_RAY_API_KEY")
@@ -174,6 +409,7 @@ def retrieve(
     from rebase_ray.retrieve import retrieve as run_retrieve
 
     def go() -> dict:
+        route_logs(out)
         base = load_pipeline(config) if config else None
         data = (base.retrieve if base else RetrieveConfig()).model_dump()
         if top is not None:
@@ -203,6 +439,7 @@ def train(
     from rebase_ray.train import train_student
 
     def go() -> dict:
+        route_logs(out)
         pipe = load_pipeline(config) if config else None
         data = (pipe.train if pipe else TrainConfig()).model_dump()
         data.update({k: v for k, v in {"max_steps": max_steps, "model": model,
@@ -236,6 +473,7 @@ def eval_(
     from rebase_ray.tasks import load_eval_set
 
     def go() -> dict:
+        route_logs(out)
         pipe = load_pipeline(config) if config else None
         s3 = pipe.s3 if pipe else None
         data = (pipe.evaluate if pipe else EvaluateConfig()).model_dump()
@@ -298,6 +536,7 @@ def distill(
             raise ConfigError(f"{pipeline}: task {pipe.task!r} was not loaded")
         pool = examples or Storage.join(pipe.storage_root, "transform")
         dest = out or Storage.join(pipe.storage_root, "distill")
+        route_logs(dest)
         url = teacher or pipe.teacher.url or "local"
         key = pipe.teacher.api_key or os.environ.get("REBASE_RAY_API_KEY")
         init_ray(pipe.ray)
@@ -365,10 +604,13 @@ def serve_teacher(
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from None
         return
-    init_ray(RayConfig(address=address))
+    def go() -> dict:
+        route_logs(None)
+        init_ray(RayConfig(address=address))
+        return run_teacher(cfg, lambda url: console.print(f"teacher at {url} (Ctrl+C stops)"))
+
     try:
-        run_verb(run_teacher, cfg, lambda url: console.print(f"teacher at {url} (Ctrl+C stops)"),
-                 title="rebase-ray serve teacher", as_json=as_json)
+        run_verb(go, title="rebase-ray serve teacher", as_json=as_json)
     except VLLMUnavailable as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -413,10 +655,14 @@ def serve_retriever(
     if print_config:
         typer.echo(yaml.safe_dump(serve_config(datastore, cfg), sort_keys=False), nl=False)
         return
-    init_ray(RayConfig(address=address))
-    run_verb(run_retriever, datastore, cfg,
-             lambda url: console.print(f"retriever at {url}/retrieve (Ctrl+C stops)"),
-             s3=pipe.s3 if pipe else None, title="rebase-ray serve retriever", as_json=as_json)
+    def go() -> dict:
+        route_logs(None)
+        init_ray(RayConfig(address=address))
+        return run_retriever(
+            datastore, cfg, lambda url: console.print(f"retriever at {url}/retrieve (Ctrl+C stops)"),
+            s3=pipe.s3 if pipe else None)
+
+    run_verb(go, title="rebase-ray serve retriever", as_json=as_json)
 
 
 @serve_app.command("student")
@@ -444,8 +690,13 @@ def serve_student(
                   address=address, print_config=False, as_json=as_json)
 
 
-def _stage_progress(stage: str, status: str) -> None:
-    console.print(f"[bold]{stage}[/bold]: {status}")
+def _stage_progress(stage: str, status: str, brief: dict | None = None) -> None:
+    """One line as a stage starts or is skipped; its brief summary when it is done."""
+    if brief is None:
+        console.print(f"[bold]{stage}[/bold]: {status}")
+        return
+    console.print(f"[bold]{stage}[/bold]: {status} — " + "; ".join(
+        f"{k} {_fmt(v)}" for k, v in brief.items()), soft_wrap=True)  # one line, however long
 
 
 @app.command()
@@ -453,17 +704,21 @@ def run(
     pipeline: str = typer.Argument(..., help="pipeline.yaml"),
     only: list[str] | None = typer.Option(
         None, "--only", help="run only these stages (repeatable): index, retrieve, transform, "
-                             "distill, evaluate"),
+                             "distill, baselines, evaluate"),
     force: bool = typer.Option(False, "--force", help="rerun stages even when up to date"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """The whole pipeline, resumable: index → retrieve → transform → distill → evaluate."""
+    """The whole pipeline, resumable: index → retrieve → transform → distill → baselines →
+    evaluate."""
     from rebase_ray.config import load_pipeline
     from rebase_ray.pipeline import run as run_pipeline
 
-    run_verb(lambda: run_pipeline(load_pipeline(pipeline), only=only, force=force,
-                                  on_stage=_stage_progress),
-             title=f"rebase-ray run {pipeline}", as_json=as_json)
+    def go() -> dict:
+        cfg = load_pipeline(pipeline)
+        route_logs(cfg.storage_root)
+        return run_pipeline(cfg, only=only, force=force, on_stage=_stage_progress)
+
+    run_verb(go, title=f"rebase-ray run {pipeline}", as_json=as_json)
 
 
 @app.command()
@@ -484,11 +739,16 @@ def demo(
     if not (where / "pipeline.yaml").exists():
         console.print(f"[red]error:[/red] no pipeline.yaml in {where} (use --dir)")
         raise typer.Exit(2)
-    console.print(f"demo data: {prepare(where)['bbc']} BBC articles (test/source) and "
-                  "chatterbot-corpus conversations")
-    summary = run_verb(lambda: run_pipeline(load_pipeline(where / "pipeline.yaml"),
-                                            on_stage=_stage_progress),
-                       title="rebase-ray demo", as_json=as_json)
+
+    def go() -> dict:
+        bbc = prepare(where)["bbc"]  # writes the data pipeline.yaml names: before loading it
+        cfg = load_pipeline(where / "pipeline.yaml")
+        route_logs(cfg.storage_root)
+        console.print(f"demo data: {bbc} BBC articles (test/source) and chatterbot-corpus "
+                      "conversations")
+        return run_pipeline(cfg, on_stage=_stage_progress)
+
+    summary = run_verb(go, title="rebase-ray demo", as_json=as_json)
     if summary.get("report"):
         console.print(f"report: {summary['report']}")
 
@@ -505,6 +765,7 @@ def submit(
     from rebase_ray import submit as jobs
 
     def go() -> dict:
+        route_logs(None)
         job_id = jobs.submit(pipeline, address, stage=stage)
         info = jobs.wait(address, job_id) if wait else jobs.status(address, job_id)
         return {**info, **({"logs": jobs.logs(address, job_id)[-4000:]} if wait else {})}
@@ -524,7 +785,11 @@ def jobs_status(job_id: str, address: str = typer.Option(..., "--address"),
     """A job's status."""
     from rebase_ray import submit as jobs
 
-    run_verb(jobs.status, address, job_id, title=f"job {job_id}", as_json=as_json)
+    def go() -> dict:
+        route_logs(None)
+        return jobs.status(address, job_id)
+
+    run_verb(go, title=f"job {job_id}", as_json=as_json)
 
 
 @jobs_app.command("logs")

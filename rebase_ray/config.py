@@ -255,6 +255,12 @@ class TransformConfig(Strict):
     max_row_chars: int = Field(default=2000, gt=0)
     max_output_chars: int = Field(default=2000, gt=0)
     near_duplicate_threshold: float = Field(default=0.7, gt=0, le=1)
+    min_examples: int = Field(default=1, gt=0, description="the run stops after transform "
+                              "when it keeps fewer examples, with the reasons")
+    annotate: bool = Field(
+        default=True, description="with cot: annotate, the teacher writes each kept example's "
+        "rationale here (one more request per example); off: the examples go on without one, "
+        "and distill annotates only those it selects (BalDistill's budget)")
     reply: ReplyFormat = ReplyFormat()
     label_check: LabelCheck = LabelCheck()
 
@@ -273,6 +279,9 @@ class DistillConfig(Strict):
     ifd_actors: int = Field(default=1, gt=0)
     ifd_num_cpus: float = Field(default=1, gt=0)
     ifd_num_gpus: float = Field(default=0, ge=0)
+    ifd_torch_threads: int | None = Field(
+        default=None, gt=0, description="torch threads per IFD actor; None: its CPUs")
+    ifd_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_tokens: int = Field(default=384, gt=0, description="teacher reply length")
@@ -284,12 +293,16 @@ class DistillConfig(Strict):
         default=LabelCheck(mode="none"), description="checks the labels of synthesized "
         "examples; a synthesis then costs 1 + its label requests, and a tail domain "
         "synthesizes as many as its quota pays for")
+    evaluate_stages: bool = Field(
+        default=True, description="evaluate the student on the eval set after every stage (the "
+        "per-stage curves); off: only the pipeline's evaluate stage scores the final student")
     seed: int = 0
 
     def plan_hash(self) -> str:
         """Hash of the fields that change what a run selects (not its resources)."""
         return config_hash(self.model_dump(exclude={
-            "ifd_batch_size", "ifd_actors", "ifd_num_cpus", "ifd_num_gpus", "concurrency"}))
+            "ifd_batch_size", "ifd_actors", "ifd_num_cpus", "ifd_num_gpus", "ifd_torch_threads",
+            "concurrency"}))
 
 
 class LoraConfig(Strict):
@@ -316,6 +329,11 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(default=50, gt=0)
     max_failures: int = Field(default=2, ge=-1)
     merge: bool = False
+    rationale: Literal["multitask", "inline"] = Field(
+        default="multitask", description="how an example's rationale is learned: multitask — "
+        "the plain prompt → the answer, plus the prompt asking for an explanation → rationale "
+        "and answer (distilling step-by-step; the student answers directly, as the "
+        "log-likelihood evaluation asks); inline — one target, the rationale then the answer")
     seed: int = 0
 
 
@@ -336,6 +354,23 @@ class EvaluateConfig(Strict):
     code_timeout_s: float = Field(default=10, gt=0)
     code_memory_mb: int = Field(default=512, gt=0)
     baseline: bool = Field(default=True, description="also answer with the adapter switched off")
+    generative: bool = Field(
+        default=True, description="label tasks: also generate each answer for the generative "
+        "scores (gen_strict, gen_flexible) beside the log-likelihood ones; off: acc and "
+        "acc_norm only, about half the time")
+    baselines: list[Literal["fewshot", "synthetic"]] = Field(
+        default=[], description="students trained like the distilled one, with the same train "
+        "config, on other data, and evaluated beside it (the pipeline's baselines stage): "
+        "fewshot — the task's few-shot examples alone; synthetic — examples the teacher writes "
+        "from the instruction and few-shot examples alone, no retrieval (Prompt2Model-style), "
+        "with as many teacher requests as transform and distill spent")
+
+    @field_validator("baselines")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"baselines listed twice: {v}")
+        return v
 
 
 # ----------------------------------------------------------------------------- pipeline.yaml

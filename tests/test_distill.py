@@ -281,3 +281,35 @@ def test_cli_distill_on_a_finished_run(replay_run, tmp_path):
     assert summary["resumed_stages"] == [1, 2]
     assert {"stage", "domain", "role", "quota", "selected", "synthesized", "kept",
             "metric"} <= set(summary["domains"][0])
+
+
+def test_label_domains_synthesize_their_own_label_and_reuse_pool_rationales(ray_cluster,
+                                                                          tmp_path):
+    """Domains from labels, a pool with no `neg` example: `neg` is tail and its syntheses are
+    asked for that label, in the prompt and in the schema (output enum ["neg"]); head `pos`
+    examples that already carry a rationale (transform's annotation) are selected at no
+    teacher cost."""
+    rows = pool({"a": 6}).assign(output="pos", rationale="It sounds happy.")
+
+    def answer(prompt: str) -> str:
+        label = re.search(r"Its output must be: (\w+)", prompt).group(1)
+        return json.dumps({"input": f"synthetic {words(next(SYNTH_COUNTER), 10)}",
+                           "rationale": "It sounds sad.", "output": label})
+
+    d, t, e = configs(stages=1, budget=4, domain_from="label")
+    with ReplayTeacher(answer) as teacher:
+        summary = distill(task(), pa_table(rows), str(tmp_path / "out"), d, t, e,
+                          teacher_url=teacher.url)
+        requests = teacher.chat_requests()
+    one = rows_of(summary, 1)
+    assert {k: (r["role"], r["selected"], r["synthesized"]) for k, r in one.items()} == {
+        "pos": ("head", 2, 0), "neg": ("tail", 0, 2)}
+    assert len(requests) == summary["spent"] == 2  # the syntheses only
+    for body in requests:
+        schema = body["response_format"]["json_schema"]["schema"]
+        assert schema["properties"]["output"] == {"type": "string", "enum": ["neg"]}
+        assert "Its output must be: neg" in body["messages"][-1]["content"]
+    st, out = open_storage(summary["out"])
+    examples = st.read_parquet(st.join(out, "stage-1", "examples.parquet")).to_pandas()
+    assert sorted(examples["output"]) == ["neg", "neg", "pos", "pos"]
+    assert (examples["rationale"] != "").all()

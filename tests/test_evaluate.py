@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from rebase_ray.config import EvaluateConfig, TaskConfig
-from rebase_ray.evaluate import evaluate, metric_rows
+from rebase_ray.evaluate import comparison_rows, evaluate, metric_rows
 from rebase_ray.evaluate.code_exec import run_tests
 from rebase_ray.evaluate.metrics import (
     aggregate,
@@ -94,6 +94,11 @@ def test_acc_ranks_by_logprob_and_acc_norm_per_character():
     assert scored["choice"] == "no" and scored["logprobs"] == {"no": -3.0, "maybe": -4.0}
     assert (scored["acc"], scored["acc_norm"], scored["gen_strict"], scored["gen_flexible"]) == (
         0.0, 1.0, 1.0, 1.0)
+    # nothing generated (evaluate.generative off): the ranked scores only, the choice as answer
+    ranked_only = score(task, {"input": "x", "output": "maybe"}, None, EvaluateConfig(),
+                        logprobs)
+    assert ranked_only == {"prediction": None, "answer": "no", "choice": "no",
+                           "logprobs": {"no": -3.0, "maybe": -4.0}, "acc": 0.0, "acc_norm": 1.0}
 
 
 def test_label_accuracy_needs_labels_that_include_every_gold_answer():
@@ -152,9 +157,11 @@ YN_RECORDS = [{"input": f"Is a {w} an animal?", "output": a, "domain": d}
 
 @pytest.fixture(scope="module")
 def yn_runs(ray_cluster, s3_server, tmp_path_factory):
-    """The yes/no eval set evaluated twice: with a random LoRA adapter read from S3 (base and
-    trained rows), and the base model alone."""
+    """The yes/no eval set evaluated with a random LoRA adapter read from S3 (base and trained
+    rows), the base model alone, a second random adapter alone, and the first adapter with the
+    second as a baseline, all in one pass."""
     import s3fs
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -165,14 +172,21 @@ def yn_runs(ray_cluster, s3_server, tmp_path_factory):
                       skip_instance_cache=True).mkdir("test-eval-adapter")
     s3_bucket = "s3://test-eval-adapter"
     tmp = tmp_path_factory.mktemp("adapter")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve(TINY)), LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
-    model.save_pretrained(str(tmp / "adapter"))
+    for name, seed in (("adapter", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve(TINY)), LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            task_type="CAUSAL_LM"))
+        model.save_pretrained(str(tmp / name))
     adapter = f"{s3_bucket}/adapter"
     Storage.for_uri(adapter).upload_dir(str(tmp / "adapter"), adapter)
+    other = str(tmp / "other")
     cfg = EvaluateConfig(batch_size=2, max_new_tokens=4, num_cpus_per_actor=0.5)
     return {"adapter": evaluate(YN, YN_RECORDS, TINY, adapter, cfg),
-            "alone": evaluate(YN, YN_RECORDS, TINY, None, cfg)}
+            "alone": evaluate(YN, YN_RECORDS, TINY, None, cfg),
+            "other": evaluate(YN, YN_RECORDS, TINY, other, cfg),
+            "with_baseline": evaluate(YN, YN_RECORDS, TINY, adapter, cfg,
+                                      baselines={"fewshot": other})}
 
 
 @pytest.mark.slow
@@ -204,6 +218,26 @@ def test_base_row_equals_the_base_model_evaluated_alone(yn_runs):
     assert with_adapter["runs"]["base"] == alone["runs"]["base"]
     assert [p["base"] for p in with_adapter["predictions"]] == \
         [p["base"] for p in alone["predictions"]]
+
+
+@pytest.mark.slow
+def test_baseline_adapters_in_one_pass_equal_each_model_evaluated_alone(yn_runs):
+    """Several adapters on one copy of the base weights, switched in turn: every run scores
+    exactly what that model scores when it is evaluated by itself."""
+    both = yn_runs["with_baseline"]
+    assert list(both["runs"]) == ["base", "fewshot", "trained"]
+    for run, alone, as_run in (("base", yn_runs["alone"], "base"),
+                               ("fewshot", yn_runs["other"], "trained"),
+                               ("trained", yn_runs["adapter"], "trained")):
+        assert [p[run]["logprobs"] for p in both["predictions"]] == pytest.approx(
+            [p[as_run]["logprobs"] for p in alone["predictions"]])
+        assert both["runs"][run] == alone["runs"][as_run]
+    assert [p["fewshot"]["logprobs"] for p in both["predictions"]] != \
+        [p["trained"]["logprobs"] for p in both["predictions"]]
+    table = comparison_rows(both)
+    assert [r["domain"] for r in table] == ["farm", "pets", "things", "(macro)", "(micro)"]
+    assert set(table[0]) == {"metric", "domain", "base", "fewshot", "rebase-ray"}
+    assert table[-1]["rebase-ray"] == both["runs"]["trained"]["micro"]["acc"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,14 @@ import json
 import jsonschema
 import pytest
 
-from rebase_ray.generation import LM, Constraint, UnsupportedSchema, generate
+from rebase_ray.generation import (
+    LM,
+    Constraint,
+    UnsupportedSchema,
+    choice_loglikelihood,
+    generate,
+    loglikelihood,
+)
 from rebase_ray.models import TINY
 
 SCHEMA = {"type": "object", "properties": {
@@ -61,3 +68,19 @@ def test_unsupported_schema_names_the_feature_and_schemas_compile_once(lm):
     first = lm.grammars.compile(Constraint.json_schema(SCHEMA))
     again = lm.grammars.compile(Constraint.json_schema(json.loads(json.dumps(SCHEMA))))
     assert first is again and lm.grammars.cached <= before + 1
+
+
+def test_choice_loglikelihood_equals_pairwise_loglikelihood(lm):
+    """The shared-prefix scoring gives lm-evaluation-harness's values (`loglikelihood`, one
+    sequence per pair), labels of different token lengths included."""
+    labels = ["business", "entertainment", "politics", "sport", "tech"]
+    contexts = [lm.render([{"role": "system", "content": "Classify the topic."},
+                           {"role": "user", "content": "Shares fell. " * (i + 1)}])
+                for i in range(3)] + ["A context ending in spaces  "]
+    shared = choice_loglikelihood(lm, contexts, labels, max_seq_len=64)
+    pairwise = loglikelihood(lm, [c for c in contexts for _ in labels], labels * len(contexts),
+                             batch_size=7, max_seq_len=64)
+    assert len(shared) == len(contexts)
+    for got, want in zip([x for row in shared for x in row], pairwise):
+        assert got[1] == want[1]
+        assert got[0] == pytest.approx(want[0], abs=1e-4)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,7 +23,7 @@ from rebase_ray.pipeline import run
 TOPICS = ["sport", "business"]
 
 
-def write_project(tmp_path, teacher_url=None, stages=1):
+def write_project(tmp_path, teacher_url=None, stages=1, baselines=()):
     """A tiny but complete project: two sources, a task with an eval set, a pipeline."""
     data = tmp_path / "data"
     data.mkdir()
@@ -58,7 +59,7 @@ def write_project(tmp_path, teacher_url=None, stages=1):
         "distill": {"stages": stages, "budget": 4, "mode": "balanced", "domain_from": "label"},
         "train": {"model": "bundled:tiny-random-llama", "max_steps": 2, "batch_size": 2,
                   "max_seq_len": 128, "checkpoint_every": 2},
-        "evaluate": {"max_new_tokens": 4},
+        "evaluate": {"max_new_tokens": 4, "baselines": list(baselines)},
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline))
@@ -85,7 +86,8 @@ def replay(prompt: str) -> str:
 @pytest.mark.slow
 def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path):
     with ReplayTeacher(replay) as teacher:
-        path = write_project(tmp_path, teacher_url=teacher.url)
+        path = write_project(tmp_path, teacher_url=teacher.url,
+                             baselines=("fewshot", "synthetic"))
         env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", "run", str(path)],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -109,10 +111,38 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
         summary = run(load_pipeline(path))
         status = {row["stage"]: row["status"] for row in summary["stages"]}
         assert status == {"index": "skipped (up to date)", "retrieve": "skipped (up to date)",
-                          "transform": "done", "distill": "done", "evaluate": "done"}
+                          "transform": "done", "distill": "done", "baselines": "done",
+                          "evaluate": "done"}
         assert len(teacher.chat_requests()) > calls_before
         assert summary["report"].endswith("report.html") and os.path.exists(summary["report"])
-        assert {m["run"] for m in summary["metrics"]} == {"base", "trained"}
+        # base, both baselines and the distilled student, side by side per domain
+        assert [r["domain"] for r in summary["comparison"]] == [
+            "business", "sport", "(macro)", "(micro)"]
+        assert set(summary["comparison"][0]) == {"metric", "domain", "base", "fewshot",
+                                                 "synthetic", "rebase-ray"}
+        report = json.loads(Path(summary["report"]).with_suffix(".json").read_text())
+        assert list(report["evaluation"]["runs"]) == ["base", "fewshot", "synthetic", "trained"]
+
+        # each baseline trained on what it claims
+        root = tmp_path / "artifacts"
+        stages = json.loads((root / "run.json").read_text())["stages"]
+        made = {b["baseline"]: b for b in stages["baselines"]["summary"]["baselines"]}
+        assert made["fewshot"]["examples"] == 1  # the task's one few-shot example
+        synth = json.loads((root / "baselines" / "synthetic" / "stats.json").read_text())
+        transformed = stages["transform"]["summary"]
+        assert made["synthetic"]["prompts"] == transformed["counts"]["retrieved"] == 8
+        assert made["synthetic"]["request_budget"] == (
+            transformed["teacher"]["requests_total"] + stages["distill"]["summary"]["spent"])
+        assert made["synthetic"]["requests"] <= made["synthetic"]["request_budget"]
+        assert made["synthetic"]["examples"] == synth["counts"]["kept"] >= 1
+        for name in ("fewshot", "synthetic"):
+            trained = json.loads((root / "baselines" / name / "train" /
+                                  "train_summary.json").read_text())
+            assert trained["steps"] == 2 and made[name]["adapter"] == trained["adapter"]
+        hits = [r for r in teacher.chat_requests() if "<record>" not in r["messages"][-1]
+                ["content"] and "Write ONE new example of the task above" in r["messages"][-1]
+                ["content"]]
+        assert len(hits) == 8  # one instruction-only prompt per retrieved row, no record
 
         again = run(load_pipeline(path))  # everything up to date: no stage reruns
         assert {row["status"] for row in again["stages"]} == {"skipped (up to date)"}
@@ -135,6 +165,10 @@ def test_run_stops_at_a_stage_that_yields_nothing(ray_cluster, tmp_path):
     assert "kept 0 of" in message and "unparseable" in message and "teacher.url" in message
     stages = json.loads((tmp_path / "artifacts" / "run.json").read_text())["stages"]
     assert set(stages) == {"index", "retrieve", "transform"}
+    # the report of what did run is still written, and the message says where
+    report = tmp_path / "artifacts" / "evaluate" / "report.html"
+    assert report.exists() and "report of the stages that ran" in message
+    assert "stopped after transform" in report.read_text()
 
 
 @pytest.fixture()

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from rebase_ray.config import TaskConfig, TrainConfig
+from rebase_ray.formats import EXPLAIN
 from rebase_ray.models import TINY, load_tokenizer
 from rebase_ray.storage import Storage
 from rebase_ray.train import train_student
@@ -39,7 +40,8 @@ def tiny(**kw) -> TrainConfig:
 def test_encode_masks_prompt_and_rejects_empty_rows():
     tok = load_tokenizer(TINY)
     rows = examples_table().to_pylist()
-    data, rejects, truncated = encode(rows, TASK.instruction, tok, max_seq_len=512)
+    data, rejects, truncated = encode(rows, TASK.instruction, tok, max_seq_len=512,
+                                      rationale="inline")
     assert len(data) == 8 and truncated == 0
     assert rejects == [{"index": 8, "reason": "empty input or output", "input": "",
                         "output": "yes"}]
@@ -48,8 +50,25 @@ def test_encode_masks_prompt_and_rejects_empty_rows():
     assert answer.startswith("A cat is what it is.\nAnswer: yes")
     assert "Is a cat" not in answer  # the prompt is not learned
     assert int(mask[0].sum()) == len(data[0]["input_ids"])
-    short, _, cut = encode(rows[:1], TASK.instruction, tok, max_seq_len=24)
+    short, _, cut = encode(rows[:1], TASK.instruction, tok, max_seq_len=24, rationale="inline")
     assert cut == 1 and len(short[0]["input_ids"]) == 24
+
+
+def test_encode_multitask_teaches_the_answer_and_the_rationale_apart():
+    """Distilling step-by-step: an example with a rationale gives two sequences, the plain
+    prompt → the bare answer (what the log-likelihood evaluation asks) and the prompt asking
+    for an explanation → rationale + answer; one without a rationale gives one."""
+    tok = load_tokenizer(TINY)
+    rows = examples_table().to_pylist()[:2] + [{"input": "Is a rock an animal?",
+                                                "output": "no", "rationale": ""}]
+    data, rejects, _ = encode(rows, TASK.instruction, tok, max_seq_len=512)
+    assert len(data) == 5 and not rejects
+    _, _, labels = collate(data, tok.pad_token_id)
+    answers = [tok.decode(row[row != IGNORE]) for row in labels]
+    prompts = [tok.decode(d["input_ids"][: d["n_prompt"]]) for d in data]
+    assert answers[0].startswith("yes") and EXPLAIN not in prompts[0]
+    assert answers[1].startswith("A cat is what it is.\nAnswer: yes") and EXPLAIN in prompts[1]
+    assert answers[4].startswith("no") and EXPLAIN not in prompts[4]
 
 
 @pytest.mark.slow

@@ -53,14 +53,15 @@ class IFDScorer:
     its answer give the candidate's IFD."""
 
     def __init__(self, model: str, adapter: str | None, instruction: str, max_new_tokens: int,
-                 max_seq_len: int, s3: dict | None = None, threads: int | None = None):
+                 max_seq_len: int, s3: dict | None = None, threads: int | None = None,
+                 dtype: str = "auto"):
         from rebase_ray.generation import LM
         from rebase_ray.models import set_torch_threads
 
         set_torch_threads(1, threads)
         # the adapter merged into the weights: faster, and never switched off here
         self.lm = LM.load(model, adapter, S3Config.model_validate(s3) if s3 else None,
-                          merge=True)
+                          merge=True, dtype=dtype)
         self.instruction = instruction
         self.max_new_tokens = max_new_tokens
         self.max_seq_len = max_seq_len
@@ -83,7 +84,8 @@ class IFDScorer:
 def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruction: str,
               batch_size: int = 8, max_new_tokens: int = 64, max_seq_len: int = 512,
               actors: int = 1, num_cpus: float = 1, num_gpus: float = 0,
-              s3: S3Config | None = None) -> pd.DataFrame:
+              s3: S3Config | None = None, threads: int | None = None,
+              dtype: str = "auto") -> pd.DataFrame:
     """`candidates` (with an `input` column) plus the columns of IFD_COLUMNS, in input order."""
     import ray
 
@@ -104,6 +106,6 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
         fn_constructor_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
                                "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len,
                                "s3": s3.model_dump() if s3 else None,
-                               "threads": max(1, int(num_cpus))})
+                               "threads": threads or max(1, int(num_cpus)), "dtype": dtype})
     out = scored.to_pandas().sort_values("_order").drop(columns="_order")
     return out.reset_index(drop=True)

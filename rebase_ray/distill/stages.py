@@ -4,10 +4,13 @@ example pool, then fine-tune and evaluate the student.
 Stage i (1..K), for every domain d with quota q = quota_d(i) (planner.py):
 - head (the unused pool of d holds at least q examples): the current student answers up to
   `ifd_candidates`·q unused candidates, which are ranked by IFD (ifd.py); the top q go to the
-  teacher for a rationale given the gold answer;
-- tail (fewer than q unused): the rest of d's pool goes to the teacher for rationales, and the
-  teacher synthesizes the missing examples from a few of d's examples (versioned prompt),
-  filtered like transform's examples (parse, label set, copies, contamination, duplicates).
+  teacher for a rationale given the gold answer (an example that has one from transform's
+  annotation keeps it, at no cost);
+- tail (fewer than q unused): the rest of d's pool goes to the teacher for rationales (the
+  same way), and the teacher synthesizes the missing examples from a few of d's examples
+  (versioned prompt; when domains are labels, the example's output is the domain's label, by
+  prompt and schema), filtered like transform's examples (parse, label set, copies,
+  contamination, duplicates).
 A rationale whose own final answer disagrees with the gold answer is dropped with its example;
 every teacher call counts against the budget, kept or not. The student is then fine-tuned (Ray
 Train LoRA, from the base model) on all examples gathered so far and evaluated per domain.
@@ -148,7 +151,7 @@ class Stage:
             self.run.task.instruction, batch_size=cfg.ifd_batch_size,
             max_new_tokens=cfg.ifd_max_new_tokens, max_seq_len=self.run.train.max_seq_len,
             actors=cfg.ifd_actors, num_cpus=cfg.ifd_num_cpus, num_gpus=cfg.ifd_num_gpus,
-            s3=self.run.s3)
+            s3=self.run.s3, threads=cfg.ifd_torch_threads, dtype=cfg.ifd_dtype)
         self.timing["ifd_s"] = round(time.time() - t0, 2)
         scored["_rank_key"] = scored["ifd"].fillna(-np.inf)
         picked = pd.concat([g.sort_values(["_rank_key", "example_id"], ascending=[False, True],
@@ -190,36 +193,46 @@ class Stage:
         roles = self.roles()
         head = self.select_head(roles)
         jobs: list[dict[str, Any]] = []  # one per teacher call
-        # a pool example needs a teacher rationale only when the task uses chain of thought;
-        # otherwise it is selected as it is, at no teacher cost
-        use = "annotate" if run.task.cot != "none" else "select"
+        # a pool example needs a teacher rationale only when the task uses chain of thought
+        # and it has none yet (transform's annotation may have written it); otherwise it is
+        # selected as it is, at no teacher cost
+        def use(r: dict) -> str:
+            has = isinstance(r.get("rationale"), str) and r["rationale"].strip()
+            return "annotate" if run.task.cot != "none" and not has else "select"
+
         for r in head.to_dict(orient="records"):
-            jobs.append({"kind": use, "role": "head", "row": r})
+            jobs.append({"kind": use(r), "role": "head", "row": r})
         for domain, (role, left) in sorted(roles.items()):
             if role != "tail":
                 continue
             for r in left.to_dict(orient="records"):
-                jobs.append({"kind": use, "role": "tail", "row": r})
+                jobs.append({"kind": use(r), "role": "tail", "row": r})
             for k in range((self.quotas[domain] - len(left)) // self._synthesis_cost()):
                 jobs.append({"kind": "synthesize", "role": "tail", "domain": domain,
                              "shots": self.shots(domain, k), "k": k})
         limit = max(0, min(run.budgets[self.stage - 1], run.cfg.budget - run.spent))
-        client = TeacherClient(run.teacher_url, api_key=run.api_key,
+        client = TeacherClient(run.teacher_url, api_key=run.api_key, model=run.teacher_model,
                                concurrency=cfg.concurrency, max_requests=limit)
         sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p,
                     "max_tokens": cfg.max_tokens, "seed": cfg.seed}
-        formats = reply_formats(run.task, cfg.reply)
+        formats = reply_formats(run.task, cfg.reply, synthesis=True)
         t0 = time.time()
         replies: dict[int, Any] = {}
+        # domains that are labels: a domain's synthesized example has that label, by prompt
+        # and by schema (its `output` an enum of the one label)
+        by_label = cfg.domain_from == "label" and bool(run.task.labels)
         for kind, fmt, messages in (
                 ("annotate", "rationale", lambda j: rationale_messages(
                     run.task, j["row"]["input"], j["row"]["output"])),
                 ("synthesize", "example", lambda j: synthesis_messages(
-                    run.task, j["domain"], j["shots"]))):
+                    run.task, j["domain"], j["shots"], label=j["domain"] if by_label else None))):
             asks = [i for i, j in enumerate(jobs) if j["kind"] == kind]
             if asks:
-                out = client.chat_many([messages(jobs[i]) for i in asks], **sampling,
-                                       **formats[fmt])
+                own = ([reply_formats(run.task, cfg.reply, synthesis=True,
+                                      label=jobs[i]["domain"])["example"]
+                        for i in asks] if kind == "synthesize" and by_label else None)
+                out = client.chat_many([messages(jobs[i]) for i in asks], per_request=own,
+                                       **sampling, **formats[fmt])
                 replies.update(zip(asks, out))
         dedup = self._deduplicator(roles)
         calls = [self._call(j, replies.get(i), client.model or "", dedup)
@@ -310,6 +323,7 @@ class Run:
                  api_key: str | None, s3: S3Config | None):
         self.task, self.pool, self.cfg, self.train, self.evaluate = task, pool, cfg, train, evaluate
         self.teacher_url, self.api_key, self.s3 = teacher_url, api_key, s3
+        self.teacher_model: str | None = None
         self.st, self.out = open_storage(out, s3)
         self.sizes = {str(d): int(n) for d, n in pool["domain"].value_counts().sort_index().items()}
         for d in expected_domains(task, cfg):  # domains the pool lacks are the extreme tail
@@ -365,7 +379,7 @@ class Run:
             adapter = training["adapter"]
             timing["train_s"] = round(time.time() - t0, 2)
         evaluation = None
-        if self.eval_records:
+        if self.eval_records and self.cfg.evaluate_stages:
             t0 = time.time()
             cfg = self.evaluate if stage == 1 else self.evaluate.model_copy(
                 update={"baseline": False})
@@ -410,7 +424,8 @@ def _new_examples(calls: pd.DataFrame) -> pd.DataFrame:
 
 def distill(task: TaskConfig, examples: str | pa.Table, out: str, cfg: DistillConfig,
             train: TrainConfig, evaluate: EvaluateConfig, teacher_url: str,
-            api_key: str | None = None, s3: S3Config | None = None) -> dict[str, Any]:
+            api_key: str | None = None, s3: S3Config | None = None,
+            teacher_model: str | None = None) -> dict[str, Any]:
     """Run BalDistill's K stages on an example pool with the teacher at `teacher_url` (an
     OpenAI-compatible base URL); resumes at the first unfinished stage. Returns the summary
     (also written to `<out>/distill.json`)."""
@@ -420,6 +435,7 @@ def distill(task: TaskConfig, examples: str | pa.Table, out: str, cfg: DistillCo
         raise ConfigError(f"no usable examples in the distill pool ({len(rejects)} rejected: "
                           f"{rejects['reason'].value_counts().to_dict()})")
     run = Run(task, pool, out, cfg, train, evaluate, teacher_url, api_key, s3)
+    run.teacher_model = teacher_model
     st = run.st
     plan = run.check_plan()
     if len(rejects):

@@ -1,95 +1,117 @@
 """Batch inference with the student over an eval set: Ray Data `map_batches` on an actor pool,
-the model (and its LoRA adapter) loaded once per actor. Each input is rendered into the
-student's prompt once; the greedy reply is generated (`generation.generate`) and, for a label
-task, every label is scored as a continuation of that prompt (`generation.loglikelihood`).
-With `baseline`, each batch is also answered and scored with the adapter switched off, so the
-base model is evaluated on the same prompts by the same code in the same pass.
+the base model and every adapter loaded once per actor (peft named adapters on one copy of the
+base weights). Each input is rendered into the student's prompt once; for every run — the base
+model (adapters switched off) and each named adapter — the greedy reply is generated
+(`generation.generate`) and, for a label task, every label is scored as a continuation of that
+prompt (`generation.choice_loglikelihood`). So all runs are evaluated on the same prompts by
+the same code in the same pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 
+from rebase_ray import progress
 from rebase_ray.config import EvaluateConfig, S3Config
 from rebase_ray.formats import student_messages
 from rebase_ray.runtime import init_ray
+
+BASE = "base"
 
 
 class Predictor:
     """A Ray Data callable class: per input, the greedy reply and (with `labels`) the
     log-likelihood of each label after the prompt, in columns `<run>_reply` and
-    `<run>_logprobs` for the runs `trained` (with an adapter) and `base`."""
+    `<run>_logprobs`, for each run of `runs` (`base`, or the name of an adapter)."""
 
-    def __init__(self, model: str, adapter: str | None, instruction: str,
-                 labels: list[str] | None, max_new_tokens: int, max_seq_len: int,
-                 batch_size: int, baseline: bool, dtype: str = "auto",
-                 s3: S3Config | None = None, threads: int = 1):
+    def __init__(self, model: str, adapters: dict[str, str], runs: list[str],
+                 instruction: str, labels: list[str] | None, max_new_tokens: int,
+                 max_seq_len: int, batch_size: int, dtype: str = "auto",
+                 s3: S3Config | None = None, threads: int = 1, generative: bool = True):
         from rebase_ray.generation import LM
         from rebase_ray.models import set_torch_threads
 
         set_torch_threads(1, threads)
-        self.lm = LM.load(model, adapter, s3, dtype=dtype)
+        self.lm = LM.load(model, s3=s3, dtype=dtype, adapters=adapters)
+        self.runs, self.has_adapters = runs, bool(adapters)
         self.instruction, self.labels = instruction, labels
         self.max_new_tokens, self.max_seq_len = max_new_tokens, max_seq_len
         self.batch_size = batch_size
-        self.has_adapter = adapter is not None
-        self.baseline = baseline and self.has_adapter
+        self.generative = generative or not labels  # without labels, the reply is the answer
 
     def _answer(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        from rebase_ray.generation import generate, loglikelihood
+        from rebase_ray.generation import choice_loglikelihood, generate
 
-        replies = [g[0].text for g in generate(self.lm, prompts,
-                                               max_new_tokens=self.max_new_tokens)]
-        out = {"reply": np.array(replies, dtype=object)}
+        out = {}
+        if self.generative:
+            replies = [g[0].text for g in generate(self.lm, prompts,
+                                                   max_new_tokens=self.max_new_tokens)]
+            out["reply"] = np.array(replies, dtype=object)
         if self.labels:
-            k = len(self.labels)
-            scored = loglikelihood(self.lm, [p for p in prompts for _ in range(k)],
-                                   self.labels * len(prompts), batch_size=self.batch_size,
-                                   max_seq_len=self.max_seq_len)
-            out["logprobs"] = np.array([lp for lp, _ in scored], dtype=np.float64).reshape(-1, k)
+            scored = choice_loglikelihood(self.lm, prompts, self.labels,
+                                          max_seq_len=self.max_seq_len)
+            out["logprobs"] = np.array([[lp for lp, _ in row] for row in scored],
+                                       dtype=np.float64)
         return out
+
+    def _as(self, run: str) -> contextlib.AbstractContextManager:
+        if not self.has_adapters:
+            return contextlib.nullcontext()
+        if run == BASE:
+            return self.lm.model.disable_adapter()
+        self.lm.model.set_adapter(run)
+        return contextlib.nullcontext()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [self.lm.render(student_messages(self.instruction, str(x)))
                    for x in batch["input"]]
-        runs = {"trained" if self.has_adapter else "base": self._answer(prompts)}
-        if self.baseline:
-            with self.lm.model.disable_adapter():
-                runs["base"] = self._answer(prompts)
         out = {"idx": batch["idx"]}
-        for run, columns in runs.items():
+        for run in self.runs:
+            with self._as(run):
+                columns = self._answer(prompts)
             out.update({f"{run}_{name}": values for name, values in columns.items()})
         return out
 
 
 def predict(inputs: list[str], instruction: str, labels: list[str] | None, model: str,
-            adapter: str | None, cfg: EvaluateConfig, s3: S3Config | None = None
-            ) -> dict[str, list[dict]]:
-    """{'base': [...], 'trained': [...]} (the runs that apply), one {'reply'} per input in the
-    order of `inputs`, with 'logprobs' (one per label, in the order of `labels`) when `labels`
-    is given."""
+            adapters: dict[str, str], cfg: EvaluateConfig, s3: S3Config | None = None,
+            base: bool = True) -> dict[str, list[dict]]:
+    """{run: [{'reply'[, 'logprobs']} per input, in the order of `inputs`]} for the base model
+    (when `base`, or when there is no adapter) and each named adapter of `adapters`;
+    'logprobs' holds one value per label, in the order of `labels`; 'reply' is None when a
+    label task is not generated (`cfg.generative` off)."""
     import ray
 
+    runs = ([BASE] if base or not adapters else []) + list(adapters)
     init_ray()
     ds = ray.data.from_items([{"idx": i, "input": x} for i, x in enumerate(inputs)])
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
-                               "labels": labels, "max_new_tokens": cfg.max_new_tokens,
+        fn_constructor_kwargs={"model": model, "adapters": adapters, "runs": runs,
+                               "instruction": instruction, "labels": labels,
+                               "max_new_tokens": cfg.max_new_tokens,
                                "max_seq_len": cfg.max_seq_len, "batch_size": cfg.batch_size,
-                               "baseline": cfg.baseline, "dtype": cfg.dtype, "s3": s3,
-                               "threads": cfg.torch_threads or math.ceil(cfg.num_cpus_per_actor)},
+                               "dtype": cfg.dtype, "s3": s3,
+                               "threads": cfg.torch_threads or math.ceil(cfg.num_cpus_per_actor),
+                               "generative": cfg.generative},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
     )
-    rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
-    runs = [run for run in ("base", "trained") if rows and f"{run}_reply" in rows[0]]
+    rows = []
+    with progress.task(f"evaluate: examples × {len(runs)} model(s)", total=len(inputs)) as advance:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch["idx"])
+            rows += [{k: v[i] for k, v in batch.items()} for i in range(n)]
+            advance(n)
+    rows.sort(key=lambda r: int(r["idx"]))
     out: dict[str, list[dict]] = {}
     for run in runs:
-        out[run] = [{"reply": str(r[f"{run}_reply"])} for r in rows]
+        out[run] = [{"reply": str(r[f"{run}_reply"]) if f"{run}_reply" in r else None}
+                    for r in rows]
         if labels:
             for answer, r in zip(out[run], rows):
                 answer["logprobs"] = [float(lp) for lp in r[f"{run}_logprobs"]]

@@ -77,11 +77,11 @@ def _evaluation_sections(ev: dict) -> list[dict]:
                          f"score {key}; macro = mean over domains, micro = mean over "
                          f"examples.{explained}",
                  "table": rows},
-                {"title": f"Per-domain {key}: base vs trained",
+                {"title": f"Per-domain {key}: {' vs '.join(runs)}",
                  "bar_chart": {"categories": [name for name, _ in groups], "y_label": key,
                                "series": {run: [scores[run].get(key, 0.0) for _, scores in groups]
                                           for run in runs}}},
-                {"title": f"Per-domain {', '.join(keys)}: base vs trained",
+                {"title": f"Per-domain {', '.join(keys)}: {' vs '.join(runs)}",
                  "table": per_domain}]
     sample = [{"domain": p["domain"], "input": p["input"], "gold": p["output"],
                **{f"{run} answer": p[run]["answer"] for run in runs},

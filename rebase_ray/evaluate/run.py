@@ -27,10 +27,11 @@ METRIC_KEYS = {"accuracy": ["acc", "acc_norm", "gen_strict", "gen_flexible"],
                "exact_match_f1": ["exact_match", "f1"], "pass_at_1": ["pass_at_1"]}
 
 
-def score(task: TaskConfig, record: dict, prediction: str, cfg: EvaluateConfig,
+def score(task: TaskConfig, record: dict, prediction: str | None, cfg: EvaluateConfig,
           logprobs: list[float] | None = None) -> dict:
     """The parsed answer and its scores for one prediction; for label accuracy `logprobs`
-    holds the log-likelihood of each of the task's labels after the prompt."""
+    holds the log-likelihood of each of the task's labels after the prompt, and `prediction`
+    is None when no answer was generated (no generative scores then)."""
     if task.metric == "pass_at_1":
         code = extract_code(prediction)
         result = run_tests(code, record.get("tests") or record["output"], cfg.code_timeout_s,
@@ -41,8 +42,11 @@ def score(task: TaskConfig, record: dict, prediction: str, cfg: EvaluateConfig,
     if task.metric == "accuracy":
         labels, gold = task.labels, record["output"]
         ranked = ranked_scores(logprobs, labels, gold_index(gold, labels))
-        return {"prediction": prediction, "answer": answer,
-                "choice": labels[argmax(logprobs)],
+        choice = labels[argmax(logprobs)]
+        if prediction is None:
+            return {"prediction": None, "answer": choice, "choice": choice,
+                    "logprobs": dict(zip(labels, logprobs)), **ranked}
+        return {"prediction": prediction, "answer": answer, "choice": choice,
                 "logprobs": dict(zip(labels, logprobs)), **ranked,
                 "gen_strict": strict_score(strict_answer(prediction), gold),
                 "gen_flexible": flexible_score(answer, gold, labels)}
@@ -50,14 +54,16 @@ def score(task: TaskConfig, record: dict, prediction: str, cfg: EvaluateConfig,
 
 
 def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | None,
-             cfg: EvaluateConfig, s3: S3Config | None = None) -> dict:
+             cfg: EvaluateConfig, s3: S3Config | None = None,
+             baselines: dict[str, str] | None = None) -> dict:
     """Metrics of `model` (+ `adapter`) on `records` (input, output, domain; `tests` for code).
 
-    Returns {'task', 'metric', 'keys', 'model', 'adapter', 'n', 'runs': {'base'|'trained':
-    {'domains', 'macro', 'micro'}}, 'predictions': [{input, output, domain, base/trained:
-    {prediction, answer, scores}}], 'seconds', 'examples_per_s'}; `keys[0]` is the primary
-    score (`METRIC_KEYS`). 'base' is the model without the adapter (present without an
-    adapter, or with `cfg.baseline`).
+    Returns {'task', 'metric', 'keys', 'model', 'adapter', 'n', 'runs': {run: {'domains',
+    'macro', 'micro'}}, 'predictions': [{input, output, domain, <run>: {prediction, answer,
+    scores}}], 'seconds', 'examples_per_s'}; `keys[0]` is the primary score (`METRIC_KEYS`).
+    Runs: 'base' (the model without any adapter; present without an adapter, or with
+    `cfg.baseline`), 'trained' (`adapter`) and one per entry of `baselines` ({name: adapter
+    URI}, e.g. students trained on other data), all answered in one pass.
     """
     if cfg.max_examples:
         records = records[: cfg.max_examples]
@@ -71,9 +77,12 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
         for rec in records:
             gold_index(rec["output"], labels)  # raises unless every gold answer is a label
     keys = METRIC_KEYS[task.metric]
+    if task.metric == "accuracy" and not cfg.generative:
+        keys = keys[:2]  # acc, acc_norm: nothing generated
+    adapters = {**(baselines or {}), **({"trained": adapter} if adapter else {})}
     t0 = time.time()
-    outputs = predict([r["input"] for r in records], task.instruction, labels, model, adapter,
-                      cfg, s3)
+    outputs = predict([r["input"] for r in records], task.instruction, labels, model, adapters,
+                      cfg, s3, base=cfg.baseline)
     seconds = time.time() - t0
     predictions = []
     for i, rec in enumerate(records):
@@ -99,3 +108,16 @@ def metric_rows(result: dict) -> list[dict]:
         rows.append({"run": run, "domain": "(macro)", **agg["macro"]})
         rows.append({"run": run, "domain": "(micro)", **agg["micro"]})
     return rows
+
+
+def comparison_rows(result: dict) -> list[dict]:
+    """The primary score side by side, one column per run (base, the baselines, then the
+    distilled student as `rebase-ray`), one row per domain plus macro and micro."""
+    key, runs = result["keys"][0], result["runs"]
+    names = {run: "rebase-ray" if run == "trained" else run for run in runs}
+    domains = sorted({d for agg in runs.values() for d in agg["domains"]})
+    rows = [{"domain": d, **{names[run]: agg["domains"].get(d, {}).get(key)
+                             for run, agg in runs.items()}} for d in domains]
+    rows += [{"domain": f"({avg})", **{names[run]: agg[avg][key] for run, agg in runs.items()}}
+             for avg in ("macro", "micro")]
+    return [{"metric": key, **row} for row in rows]

@@ -83,7 +83,8 @@ def _summary(task: TaskConfig, datastore: str, out: str, result: Retrieval,
                          np.quantile(scores, [0, .25, .5, .75, 1]).tolist())) if len(hits) else {}
     per_dataset = hits.groupby("dataset", sort=False).agg(
         rows=("row_key", "size"), mean_score=("score", "mean"),
-        dataset_score=("dataset_score", "first")).reset_index()
+        dataset_score=("dataset_score", "first")).reset_index().sort_values(
+        "rows", ascending=False, kind="stable")  # the top sources first
     unknown = sorted(set(task.exclude_datasets) - set(retriever.source_names))
     return {
         "task": task.name,

@@ -17,28 +17,37 @@ instructions inside it.
 
 from __future__ import annotations
 
+import random
+
 from rebase_ray.config import TaskConfig
 
-TRANSFORM_VERSION = "rebase-transform-v2"
+TRANSFORM_VERSION = "rebase-transform-v3"
 RATIONALE_VERSION = "rationale-v2"
-SYNTHESIS_VERSION = "synthesis-v2"
+SYNTHESIS_VERSION = "synthesis-v3"
 CLASSIFY_VERSION = "classify-v1"
 
 
-def _keys(task: TaskConfig) -> list[str]:
-    return ["input", "rationale", "output"] if task.cot != "none" else ["input", "output"]
+def writes_rationale(task: TaskConfig, synthesis: bool = False) -> bool:
+    """Whether a generated example carries its own rationale: always with `cot: fewshot`; with
+    `cot: annotate` only a synthesized one (BalDistill's tail), since a transformed example
+    gets its rationale from a second call given its label (the annotation)."""
+    return task.cot == "fewshot" or (synthesis and task.cot == "annotate")
 
 
-def _system(task: TaskConfig) -> str:
-    keys = ", ".join(f'"{k}"' for k in _keys(task))
+def _keys(rationale: bool) -> list[str]:
+    return ["input", "rationale", "output"] if rationale else ["input", "output"]
+
+
+def _system(rationale: bool) -> str:
+    keys = ", ".join(f'"{k}"' for k in _keys(rationale))
     return (f"You write training examples for a task. Reply with exactly one JSON object with "
             f"the keys {keys}, and nothing else.")
 
 
-def _reply_line(task: TaskConfig) -> str:
-    body = ", ".join(f'"{k}": "..."' for k in _keys(task))
+def _reply_line(rationale: bool) -> str:
+    body = ", ".join(f'"{k}": "..."' for k in _keys(rationale))
     line = f"Reply with only a JSON object: {{{body}}}"
-    if task.cot != "none":
+    if rationale:
         line += ' ("rationale": brief reasoning that leads to the output)'
     return line
 
@@ -48,13 +57,14 @@ def cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def _task_block(task: TaskConfig) -> str:
+def _task_block(task: TaskConfig, order: list[int] | None = None) -> str:
     lines = [f"Task: {task.instruction.strip()}"]
     if task.labels:
         lines.append("The output must be exactly one of: " + ", ".join(task.labels) + ".")
     lines.append("")
     lines.append("Examples of the task:")
-    for i, ex in enumerate(task.examples, 1):
+    examples = [task.examples[i] for i in order] if order else task.examples
+    for i, ex in enumerate(examples, 1):
         lines += [f"Example {i}", f"Input: {ex.input.strip()}", f"Output: {ex.output.strip()}", ""]
     return "\n".join(lines)
 
@@ -67,8 +77,23 @@ def _format_rule(task: TaskConfig) -> str:
 
 
 def transformation_messages(task: TaskConfig, row: dict[str, str],
-                            max_value_chars: int = 250) -> list[dict[str, str]]:
-    """ReBase: turn one retrieved row into one new example of the task."""
+                            max_value_chars: int = 250, variant: int = 0
+                            ) -> list[dict[str, str]]:
+    """ReBase: turn one retrieved row into one new example of the task. An empty `row` asks
+    for an example from the instruction and few-shot examples alone (the synthetic baseline,
+    Prompt2Model-style); its few-shot examples are then shown in an order drawn from
+    `variant`, so that prompts differ."""
+    rationale = writes_rationale(task)
+    if not row:
+        order = list(range(len(task.examples)))
+        random.Random(variant).shuffle(order)
+        user = "\n".join([
+            _task_block(task, order),
+            "Write ONE new example of the task above, different from the examples. "
+            + _format_rule(task),
+            _reply_line(rationale),
+        ])
+        return [{"role": "system", "content": _system(rationale)}, {"role": "user", "content": user}]
     record = "\n".join(f"{col}: {cut(val, max_value_chars)}" for col, val in row.items())
     user = "\n".join([
         _task_block(task),
@@ -78,9 +103,9 @@ def transformation_messages(task: TaskConfig, row: dict[str, str],
         "",
         "Using the information in the record, write ONE new example of the task above. "
         + _format_rule(task),
-        _reply_line(task),
+        _reply_line(rationale),
     ])
-    return [{"role": "system", "content": _system(task)}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": _system(rationale)}, {"role": "user", "content": user}]
 
 
 def rationale_messages(task: TaskConfig, input_text: str, output: str) -> list[dict[str, str]]:
@@ -97,9 +122,11 @@ def rationale_messages(task: TaskConfig, input_text: str, output: str) -> list[d
             {"role": "user", "content": user}]
 
 
-def synthesis_messages(task: TaskConfig, domain: str,
-                       examples: list[dict[str, str]]) -> list[dict[str, str]]:
-    """BalDistill tail synthesis: one new example for `domain` from a few of its examples."""
+def synthesis_messages(task: TaskConfig, domain: str, examples: list[dict[str, str]],
+                       label: str | None = None) -> list[dict[str, str]]:
+    """BalDistill tail synthesis: one new example for `domain` from a few of its examples;
+    with `label` (domains that are labels), the example's output is that label."""
+    rationale = writes_rationale(task, synthesis=True)
     shots = []
     for i, ex in enumerate(examples, 1):
         shots += [f"Example {i}", f"Input: {ex['input'].strip()}",
@@ -113,10 +140,11 @@ def synthesis_messages(task: TaskConfig, domain: str,
         f"Examples of the task from the domain '{domain}':",
         *shots,
         f"Write ONE new example of the task for the domain '{domain}', different from the "
-        "examples above. " + _format_rule(task),
-        _reply_line(task),
+        "examples above. " + (f"Its output must be: {label}. " if label else "")
+        + _format_rule(task),
+        _reply_line(rationale),
     ])
-    return [{"role": "system", "content": _system(task)}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": _system(rationale)}, {"role": "user", "content": user}]
 
 
 def classify_messages(task: TaskConfig, input_text: str) -> list[dict[str, str]]:

@@ -3,10 +3,11 @@
 Flow (like torchtune's lora_finetune_single_device, spread over Ray Train workers):
 
 1. Driver: read the examples table (input, output, optional rationale and domain), render each
-   one with the tokenizer's chat template (`formats.student_messages` as the prompt,
-   `formats.student_target` as the answer), tokenize, and put the encoded rows in the object
-   store once. Rows without input or output are rejected with their reason, never dropped
-   silently; prompts too long for `max_seq_len` lose their oldest tokens (the answer is kept).
+   one with the tokenizer's chat template (`formats.training_chats`: the prompt, the answer,
+   and with `rationale: multitask` a second prompt asking for the rationale), tokenize, and put
+   the encoded rows in the object store once. Rows without input or output are rejected with
+   their reason, never dropped silently; prompts too long for `max_seq_len` lose their oldest
+   tokens (the answer is kept).
 2. Workers (`TorchTrainer`, DDP: gloo on CPU, nccl on GPU, via `prepare_model`): a fixed,
    seeded schedule of global batches. Every worker knows the whole schedule, so the step,
    token and example budgets are reached on the same step on every worker; the wall-time
@@ -23,9 +24,11 @@ Flow (like torchtune's lora_finetune_single_device, spread over Ray Train worker
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +36,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from rebase_ray import progress
 from rebase_ray.config import S3Config, TaskConfig, TrainConfig
-from rebase_ray.formats import student_messages, student_target
+from rebase_ray.formats import training_chats
 from rebase_ray.runtime import init_ray
 from rebase_ray.storage import Storage, split_uri
 
@@ -43,6 +47,9 @@ STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
 ADAPTER = "adapter"
 STOP_REASONS = ("max_steps", "max_tokens", "max_examples", "max_wall_s", "epochs")
+POLL_S = 0.5  # how often the driver reads the step counter while training runs
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- driver: data
 
@@ -61,9 +68,11 @@ def read_examples(examples: pa.Table | str, s3: S3Config | None = None) -> list[
     return examples.to_pylist()
 
 
-def encode(rows: list[dict], instruction: str, tokenizer, max_seq_len: int
-           ) -> tuple[list[dict], list[dict], int]:
-    """(encoded rows with `input_ids` and `n_prompt`, rejects, number of truncated prompts)."""
+def encode(rows: list[dict], instruction: str, tokenizer, max_seq_len: int,
+           rationale: str = "multitask") -> tuple[list[dict], list[dict], int]:
+    """(encoded sequences with `input_ids`, `n_prompt` and their `row`, rejects, number of
+    truncated prompts). A row teaches one sequence, or two with `rationale: multitask`
+    (`formats.training_chats`)."""
     encoded, rejects, truncated = [], [], 0
     for i, row in enumerate(rows):
         text_in, text_out = (row.get("input") or "").strip(), (row.get("output") or "").strip()
@@ -71,26 +80,26 @@ def encode(rows: list[dict], instruction: str, tokenizer, max_seq_len: int
             rejects.append({"index": i, "reason": "empty input or output",
                             "input": text_in[:200], "output": text_out[:200]})
             continue
-        messages = student_messages(instruction, text_in)
-        answer = student_target(text_out, row.get("rationale"))
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                               tokenize=False)
-        full = tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": answer}], tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError("the tokenizer's chat template does not extend the prompt with the "
-                             "answer; cannot mask the prompt tokens")
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        if len(a_ids) >= max_seq_len:
-            rejects.append({"index": i, "reason": f"answer is {len(a_ids)} tokens, "
-                            f"max_seq_len is {max_seq_len}", "input": text_in[:200],
-                            "output": text_out[:200]})
-            continue
-        if len(p_ids) + len(a_ids) > max_seq_len:
-            p_ids = p_ids[len(p_ids) + len(a_ids) - max_seq_len:]
-            truncated += 1
-        encoded.append({"input_ids": p_ids + a_ids, "n_prompt": len(p_ids)})
+        for messages, answer in training_chats(instruction, text_in, text_out,
+                                               row.get("rationale"), rationale):
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                   tokenize=False)
+            full = tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": answer}], tokenize=False)
+            if not full.startswith(prompt):
+                raise ValueError("the tokenizer's chat template does not extend the prompt "
+                                 "with the answer; cannot mask the prompt tokens")
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            if len(a_ids) >= max_seq_len:
+                rejects.append({"index": i, "reason": f"answer is {len(a_ids)} tokens, "
+                                f"max_seq_len is {max_seq_len}", "input": text_in[:200],
+                                "output": text_out[:200]})
+                continue
+            if len(p_ids) + len(a_ids) > max_seq_len:
+                p_ids = p_ids[len(p_ids) + len(a_ids) - max_seq_len:]
+                truncated += 1
+            encoded.append({"input_ids": p_ids + a_ids, "n_prompt": len(p_ids), "row": i})
     return encoded, rejects, truncated
 
 
@@ -217,8 +226,11 @@ def train_loop(config: dict) -> None:
             stop = "max_wall_s"
         state["stop_reason"] = stop
         if rank == 0 and (state["step"] % config["log_every"] == 0 or stop):
-            print(f"step {state['step']}/{config['total_steps']} loss {loss:.4f} "
-                  f"tokens {state['tokens']} ({stop or 'training'})", flush=True)
+            logger.info("step %d/%d loss %.4f tokens %d (%s)", state["step"],
+                        config["total_steps"], loss, state["tokens"], stop or "training")
+        if rank == 0 and config.get("step_counter") is not None:
+            # the driver's progress display; waited for, so the last step is in before fit ends
+            ray.get(config["step_counter"].set.remote(state["step"]))
 
         metrics = {"step": state["step"], "loss": loss, "tokens": state["tokens"]}
         if stop or state["step"] % config["checkpoint_every"] == 0:
@@ -235,6 +247,57 @@ def train_loop(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- driver: run
+
+
+class StepCounter:
+    """The latest step rank 0 finished, for the driver's progress display: a Ray actor that
+    needs no CPU (`ray.remote(num_cpus=0)(StepCounter)`); rank 0 sets it after every step,
+    the driver reads it while `trainer.fit()` runs."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def set(self, step: int) -> None:
+        self.step = step
+
+    def get(self) -> int:
+        return self.step
+
+
+def fit_reporting_steps(trainer, counter, advance: Callable[[int], None],
+                        every_s: float = POLL_S):
+    """`trainer.fit()` in this thread while a helper thread reads `counter` every `every_s`
+    seconds and feeds the new steps to `advance`; returns fit's result."""
+    import ray
+
+    seen = 0
+    lock = threading.Lock()
+
+    def poll() -> None:
+        nonlocal seen
+        try:
+            step = ray.get(counter.get.remote(), timeout=max(every_s * 4, 2.0))
+        except Exception:  # noqa: BLE001 - progress is best effort, training is not
+            return
+        with lock:
+            if step > seen:
+                advance(step - seen)
+                seen = step
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            poll()
+
+    thread = threading.Thread(target=loop, name="train-steps", daemon=True)
+    thread.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        thread.join()
+        poll()
 
 
 def _run_storage(out: str, s3: S3Config | None) -> tuple[str, Any]:
@@ -265,7 +328,8 @@ def train_student(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, 
     st = Storage.for_uri(out, s3)
     rows = read_examples(examples, s3)
     tokenizer = load_tokenizer(cfg.model)
-    data, rejects, truncated = encode(rows, task.instruction, tokenizer, cfg.max_seq_len)
+    data, rejects, truncated = encode(rows, task.instruction, tokenizer, cfg.max_seq_len,
+                                      cfg.rationale)
     if rejects:
         st.write_text(st.join(out, "train_rejects.jsonl"),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
@@ -286,6 +350,7 @@ def train_student(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, 
         "checkpoint_every": cfg.checkpoint_every,
         "log_every": max(1, min(cfg.checkpoint_every, 10)),
         "data_ref": ray.put(data), "on_step": on_step,
+        "step_counter": ray.remote(num_cpus=0)(StepCounter).remote(),
     }
     storage_path, storage_fs = _run_storage(out, s3)
     trainer = TorchTrainer(
@@ -300,7 +365,14 @@ def train_student(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, 
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     t0 = time.time()
-    result = trainer.fit()
+    planned = loop_config["total_steps"]
+    if cfg.max_steps:
+        planned = min(planned, cfg.max_steps)
+    try:
+        with progress.task("train: steps", total=planned) as advance:
+            result = fit_reporting_steps(trainer, loop_config["step_counter"], advance)
+    finally:
+        ray.kill(loop_config["step_counter"])
     wall_s = time.time() - t0
 
     adapter_uri = st.join(out, ADAPTER)
@@ -313,7 +385,8 @@ def train_student(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, 
     curve = state["loss_curve"]
     summary = {
         "model": cfg.model, "adapter": adapter_uri, "checkpoints": st.join(out, "checkpoints"),
-        "examples_in": len(rows), "examples_used": len(data), "rejected": len(rejects),
+        "examples_in": len(rows), "examples_used": len({d["row"] for d in data}),
+        "sequences": len(data), "rejected": len(rejects),
         "truncated_prompts": truncated, "workers": cfg.num_workers,
         "steps": state["step"], "tokens": state["tokens"], "examples": state["examples"],
         "stop_reason": state["stop_reason"], "restarts": state["restarts"],

@@ -16,12 +16,14 @@ import hashlib
 import json
 import time
 import uuid
+import zlib
 from collections import Counter
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
+from rebase_ray import progress
 from rebase_ray.config import S3Config, SourceConfig, TaskConfig, TransformConfig
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
@@ -66,11 +68,11 @@ class TeacherWorker:
     filters the replies, and (cot: annotate) asks for a rationale for each kept example."""
 
     def __init__(self, task: dict, cfg: dict, base_url: str, api_key: str | None,
-                 max_requests: int | None, eval_index: NgramIndex):
+                 max_requests: int | None, eval_index: NgramIndex, model: str | None = None):
         self.task = TaskConfig.model_validate(task)
         self.cfg = TransformConfig.model_validate(cfg)
-        self.client = TeacherClient(base_url, api_key=api_key, concurrency=self.cfg.concurrency,
-                                    max_requests=max_requests)
+        self.client = TeacherClient(base_url, api_key=api_key, model=model,
+                                    concurrency=self.cfg.concurrency, max_requests=max_requests)
         self.ctx = FilterContext(self.task, self.cfg.max_output_chars, eval_index)
         self.sampling = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
                          "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed}
@@ -79,14 +81,15 @@ class TeacherWorker:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         hits = batch.to_dict(orient="records")
         rows = [row_for_prompt(h, self.cfg) for h in hits]
-        prompts = [transformation_messages(self.task, r, self.cfg.max_value_chars)
-                   for r, _ in rows]
+        prompts = [transformation_messages(self.task, r, self.cfg.max_value_chars,
+                                           variant=zlib.crc32(h["row_key"].encode()))
+                   for h, (r, _) in zip(hits, rows)]
         replies = self.client.chat_many(prompts, **self.sampling, **self.formats["example"])
         results = [self._result(h, reply, was_cut) for h, reply, (_, was_cut)
                    in zip(hits, replies, rows)]
         if self.task.labels:  # before annotation: a rationale argues the confirmed label
             self._check_labels([r for r in results if r["status"] == "kept"])
-        if self.task.cot == "annotate":
+        if self.task.cot == "annotate" and self.cfg.annotate:
             self._annotate([r for r in results if r["status"] == "kept"])
         return pd.DataFrame(results, columns=RESULT_COLUMNS)
 
@@ -163,9 +166,11 @@ def _read_parts(st: Storage, out: str) -> pd.DataFrame:
 
 def transform(task: TaskConfig, hits: str, teacher_url: str, out: str, cfg: TransformConfig,
               s3: S3Config | None = None, api_key: str | None = None,
-              sources: list[SourceConfig] | None = None) -> dict[str, Any]:
+              sources: list[SourceConfig] | None = None,
+              teacher_model: str | None = None) -> dict[str, Any]:
     """Turn retrieved rows (`hits`: a hits.parquet URI or the folder holding it) into task
-    examples through the teacher at `teacher_url` (an OpenAI-compatible base URL)."""
+    examples through the teacher at `teacher_url` (an OpenAI-compatible base URL), asking for
+    `teacher_model` (None: the first model the endpoint lists)."""
     import ray
 
     t0 = time.time()
@@ -193,18 +198,25 @@ def transform(task: TaskConfig, hits: str, teacher_url: str, out: str, cfg: Tran
             fn_constructor_kwargs={"task": task.model_dump(mode="json"),
                                    "cfg": cfg.model_dump(mode="json"), "base_url": teacher_url,
                                    "api_key": api_key, "max_requests": budget,
+                                   "model": teacher_model,
                                    "eval_index": eval_index})
-        for batch in results.iter_batches(batch_size=size, batch_format="pandas"):
-            st.write_parquet(st.join(out, "parts", f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}"
-                                     ".parquet"), pa.Table.from_pandas(batch, preserve_index=False))
-            stats_new["requests"] += int(batch["requests"].sum())
-            stats_new["prompt_tokens"] += int(batch["prompt_tokens"].sum())
-            stats_new["completion_tokens"] += int(batch["completion_tokens"].sum())
+        # progress counts results on the driver as they come back (the teacher calls run in
+        # the Ray Data actor, another process)
+        with progress.task("transform: rows", total=len(todo)) as advance:
+            for batch in results.iter_batches(batch_size=size, batch_format="pandas"):
+                st.write_parquet(st.join(out, "parts", f"part-{time.time_ns()}-"
+                                         f"{uuid.uuid4().hex[:6]}.parquet"),
+                                 pa.Table.from_pandas(batch, preserve_index=False))
+                stats_new["requests"] += int(batch["requests"].sum())
+                stats_new["prompt_tokens"] += int(batch["prompt_tokens"].sum())
+                stats_new["completion_tokens"] += int(batch["completion_tokens"].sum())
+                advance(len(batch))
         done = _read_parts(st, out)
 
     examples, rejects = _finalize(done, cfg)
     wall = time.time() - t0
     summary = _summary(task, hits_table, examples, rejects, stats_new, wall, len(todo))
+    summary["teacher"]["requests_total"] = int(done["requests"].sum())  # earlier runs too
     st.write_parquet(st.join(out, "examples.parquet"), pa.Table.from_pandas(
         examples, preserve_index=False))
     st.write_parquet(st.join(out, "rejects.parquet"), pa.Table.from_pandas(

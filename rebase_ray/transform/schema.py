@@ -4,8 +4,8 @@ bundled CPU teacher (xgrammar), vLLM (natively) or a remote OpenAI-compatible AP
 
 - a task example (transformation, tail synthesis): {"input", ["rationale",] "output"}; `output`
   is an enum of the task's labels, else a string with a maxLength; `rationale` is present when
-  the task uses chain of thought (cot != none) and comes before `output`, so the reasoning is
-  written before the answer;
+  the example writes its own (`cot: fewshot`, or a synthesis with `cot: annotate`) and comes
+  before `output`, so the reasoning is written before the answer;
 - a rationale for a given answer (BalDistill's annotation, cot: annotate):
   {"rationale", "answer"}, the answer constrained like `output`;
 - a label for an input (the label check): one of the labels (`structured_outputs.choice`).
@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from rebase_ray.config import ReplyFormat, TaskConfig
+from rebase_ray.teacher.prompts import writes_rationale
 
 EXAMPLE_SCHEMA = "task_example"
 RATIONALE_SCHEMA = "rationale"
@@ -32,9 +33,9 @@ def _text(max_chars: int) -> dict[str, Any]:
 
 
 def example_schema(task: TaskConfig, max_input_chars: int, max_answer_chars: int,
-                   max_rationale_chars: int) -> dict[str, Any]:
+                   max_rationale_chars: int, rationale: bool) -> dict[str, Any]:
     props: dict[str, Any] = {"input": _text(max_input_chars)}
-    if task.cot != "none":
+    if rationale:
         props["rationale"] = _text(max_rationale_chars)
     props["output"] = _answer(task, max_answer_chars)
     return {"type": "object", "properties": props, "required": list(props),
@@ -58,13 +59,18 @@ def label_choice(task: TaskConfig) -> dict[str, Any]:
     return {"choice": list(task.labels or [])}
 
 
-def reply_formats(task: TaskConfig, cfg: ReplyFormat) -> dict[str, dict[str, Any]]:
+def reply_formats(task: TaskConfig, cfg: ReplyFormat, synthesis: bool = False,
+                  label: str | None = None) -> dict[str, dict[str, Any]]:
     """The request fields for the two reply kinds, {"example": {...}, "rationale": {...}};
-    empty with `structured: false`."""
+    empty with `structured: false`. An example has a `rationale` when it writes one
+    (`prompts.writes_rationale`: transform's or, with `synthesis`, distill's). With `label`,
+    an example's `output` can only be that label (a synthesis for a given label)."""
     if not cfg.structured:
         return {"example": {}, "rationale": {}}
     example = example_schema(task, cfg.max_input_chars, cfg.max_answer_chars,
-                             cfg.max_rationale_chars)
+                             cfg.max_rationale_chars, writes_rationale(task, synthesis))
+    if label is not None:
+        example["properties"]["output"] = {"type": "string", "enum": [label]}
     rationale = rationale_schema(task, cfg.max_answer_chars, cfg.max_rationale_chars)
     return {"example": {"response_format": response_format(EXAMPLE_SCHEMA, example)},
             "rationale": {"response_format": response_format(RATIONALE_SCHEMA, rationale)}}
