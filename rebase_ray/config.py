@@ -326,9 +326,14 @@ class TrainConfig(Strict):
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1, gt=0)
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="torch threads per worker; None: its CPUs rounded up")
     checkpoint_every: int = Field(default=50, gt=0)
     max_failures: int = Field(default=2, ge=-1)
     merge: bool = False
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="bfloat16: mixed precision (autocast; weights and "
+        "optimizer in float32), about 1.5x faster steps on a CPU with AVX512-BF16 or a GPU")
     rationale: Literal["multitask", "inline"] = Field(
         default="multitask", description="how an example's rationale is learned: multitask — "
         "the plain prompt → the answer, plus the prompt asking for an explanation → rationale "

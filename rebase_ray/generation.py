@@ -10,8 +10,8 @@ the teacher backend, evaluation and IFD run a causal LM.
   continuation's tokens, batched with right padding — lm-evaluation-harness's `loglikelihood`
   (the continuation's tokens are those of context + continuation after the context's).
 - `choice_loglikelihood(lm, contexts, choices)`: the same for every choice after each context,
-  the context run once and its KV cache shared by the choices (a label set ranked after a long
-  prompt costs about one prompt, not one per label).
+  the contexts run once, in batches, and each one's KV cache shared by its choices (a label
+  set ranked after a long prompt costs about one prompt, not one per label).
 - `Grammars`: xgrammar compilation per tokenizer, each schema compiled once (cached), with a
   check that names any JSON-schema feature xgrammar would silently ignore.
 
@@ -374,49 +374,75 @@ def loglikelihood(lm: LM, contexts: Sequence[str], continuations: Sequence[str],
 
 
 def choice_loglikelihood(lm: LM, contexts: Sequence[str], choices: Sequence[str],
-                         max_seq_len: int = 1024) -> list[list[tuple[float, int]]]:
+                         max_seq_len: int = 1024, batch_size: int = 16
+                         ) -> list[list[tuple[float, int]]]:
     """[[(log P(choice | context), choice tokens) per choice] per context]: `loglikelihood`'s
-    values, computed with one forward pass of the context whose KV cache the choices share.
-    A context whose tokens are not a prefix of its choices' (a tokenizer merging across the
-    boundary) is scored pair by pair with `loglikelihood`."""
-    import torch
-
-    tok, model = lm.tokenizer, lm.model
-    out: list[list[tuple[float, int]]] = []
-    for context in contexts:
+    values, computed with one forward pass over `batch_size` left-padded contexts (positions
+    counted from each one's first real token, as if unpadded) whose KV cache the choices then
+    share. A context whose tokens are not a prefix of its choices' (a tokenizer merging across
+    the boundary) is scored pair by pair with `loglikelihood`."""
+    tok = lm.tokenizer
+    out: list[list[tuple[float, int]] | None] = [None] * len(contexts)
+    shared: list[tuple[int, list[int], list[list[int]]]] = []  # (index, context ids, choices)
+    for i, context in enumerate(contexts):
         spaces = len(context) - len(context.rstrip(" "))
-        ctx_text = context[:-spaces] if spaces else context
-        ctx_ids = tok(ctx_text, add_special_tokens=False)["input_ids"]
+        ctx_ids = tok(context[:-spaces] if spaces else context,
+                      add_special_tokens=False)["input_ids"]
         conts = []
         for choice in choices:
             whole = tok(context + choice, add_special_tokens=False)["input_ids"]
-            conts.append(whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else None)
-        if any(c is None or not c for c in conts):
-            out.append(loglikelihood(lm, [context] * len(choices), list(choices),
-                                     batch_size=len(choices), max_seq_len=max_seq_len))
-            continue
-        width = max(len(c) for c in conts)
-        ctx_ids = ctx_ids[-max(1, max_seq_len - width):]
-        k = len(conts)
-        with torch.inference_mode():
-            first = model(input_ids=torch.tensor([ctx_ids], device=model.device), use_cache=True)
-            cache = first.past_key_values
-            cache.batch_repeat_interleave(k)
-            ids = torch.full((k, width), lm.pad_id, dtype=torch.long)
-            mask = torch.zeros((k, len(ctx_ids) + width), dtype=torch.long)
-            mask[:, : len(ctx_ids)] = 1
-            for row, c in enumerate(conts):
-                ids[row, : len(c)] = torch.tensor(c)
-                mask[row, len(ctx_ids): len(ctx_ids) + len(c)] = 1
-            rest = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                         past_key_values=cache, use_cache=True).logits.float().cpu()
-        # the first choice token is predicted by the context's last position, token j by j-1
-        logits = torch.cat([first.logits[:, -1:].float().cpu().expand(k, -1, -1),
-                            rest[:, :-1]], dim=1)
-        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        out.append([(float(token_lp[row, : len(c)].sum()), len(c))
-                    for row, c in enumerate(conts)])
-    return out
+            conts.append(whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else [])
+        if all(conts):
+            width = max(len(c) for c in conts)
+            shared.append((i, ctx_ids[-max(1, max_seq_len - width):], conts))
+        else:
+            out[i] = loglikelihood(lm, [context] * len(choices), list(choices),
+                                   batch_size=len(choices), max_seq_len=max_seq_len)
+    shared.sort(key=lambda item: -len(item[1]))  # similar lengths share a batch: less padding
+    for start in range(0, len(shared), batch_size):
+        chunk = shared[start: start + batch_size]
+        for (i, _, _), scores in zip(chunk, _shared_prefix_scores(lm, chunk)):
+            out[i] = scores
+    return out  # type: ignore[return-value]
+
+
+def _shared_prefix_scores(lm: LM, chunk: list[tuple[int, list[int], list[list[int]]]]
+                          ) -> list[list[tuple[float, int]]]:
+    import torch
+
+    model, k = lm.model, len(chunk[0][2])
+    length = max(len(ctx) for _, ctx, _ in chunk)
+    width = max(len(c) for _, _, conts in chunk for c in conts)
+    ids = torch.full((len(chunk), length), lm.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), length), dtype=torch.long)
+    for row, (_, ctx, _) in enumerate(chunk):
+        ids[row, length - len(ctx):] = torch.tensor(ctx)
+        mask[row, length - len(ctx):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cont = torch.full((len(chunk) * k, width), lm.pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(chunk) * k, width), dtype=torch.long)
+    for row, (_, _, conts) in enumerate(chunk):
+        for j, c in enumerate(conts):
+            cont[row * k + j, : len(c)] = torch.tensor(c)
+            cont_mask[row * k + j, : len(c)] = 1
+    lengths = mask.sum(-1).repeat_interleave(k)
+    device = model.device
+    with torch.inference_mode():
+        first = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                      position_ids=positions.to(device), use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(k)
+        rest = model(input_ids=cont.to(device),
+                     attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask],
+                                              -1).to(device),
+                     position_ids=(lengths.unsqueeze(1) + torch.arange(width)).to(device),
+                     past_key_values=cache, use_cache=True).logits.float().cpu()
+    # the first choice token is predicted by the context's last position, token j by j-1
+    last = first.logits[:, -1:].float().cpu().repeat_interleave(k, 0)
+    logits = torch.cat([last, rest[:, :-1]], dim=1)
+    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, cont.unsqueeze(-1)).squeeze(-1)
+    return [[(float(token_lp[row * k + j, : len(c)].sum()), len(c))
+             for j, c in enumerate(conts)] for row, (_, _, conts) in enumerate(chunk)]
 
 
 def perplexity(logprob: float, tokens: int) -> float:

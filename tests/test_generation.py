@@ -72,15 +72,18 @@ def test_unsupported_schema_names_the_feature_and_schemas_compile_once(lm):
 
 def test_choice_loglikelihood_equals_pairwise_loglikelihood(lm):
     """The shared-prefix scoring gives lm-evaluation-harness's values (`loglikelihood`, one
-    sequence per pair), labels of different token lengths included."""
+    sequence per pair), labels of different token lengths and contexts of different lengths
+    (left-padded in one batch) included."""
     labels = ["business", "entertainment", "politics", "sport", "tech"]
     contexts = [lm.render([{"role": "system", "content": "Classify the topic."},
                            {"role": "user", "content": "Shares fell. " * (i + 1)}])
                 for i in range(3)] + ["A context ending in spaces  "]
-    shared = choice_loglikelihood(lm, contexts, labels, max_seq_len=64)
     pairwise = loglikelihood(lm, [c for c in contexts for _ in labels], labels * len(contexts),
                              batch_size=7, max_seq_len=64)
-    assert len(shared) == len(contexts)
-    for got, want in zip([x for row in shared for x in row], pairwise):
-        assert got[1] == want[1]
-        assert got[0] == pytest.approx(want[0], abs=1e-4)
+    for batch_size in (1, 3, 16):  # alone, a left-padded batch and its remainder, all at once
+        shared = choice_loglikelihood(lm, contexts, labels, max_seq_len=64,
+                                      batch_size=batch_size)
+        assert len(shared) == len(contexts)
+        for got, want in zip([x for row in shared for x in row], pairwise):
+            assert got[1] == want[1]
+            assert got[0] == pytest.approx(want[0], abs=1e-4)

@@ -114,10 +114,35 @@ def test_two_workers_on_s3_survive_a_killed_worker(ray_cluster, s3_bucket, tmp_p
     ("max_tokens", 300, lambda s: s["tokens"] >= 300 and s["steps"] < 12),
     ("max_examples", 6, lambda s: s["examples"] == 6 and s["steps"] == 3),
     ("max_wall_s", 0.01, lambda s: s["steps"] == 1),
-    ("epochs", 0.5, lambda s: s["steps"] == 2),
+    # 8 rows with a rationale are 16 sequences (multitask): 8 steps an epoch at batch 2
+    ("epochs", 0.5, lambda s: s["steps"] == 4 and s["sequences"] == 16),
 ])
 def test_each_budget_stops_training(ray_cluster, tmp_path, budget, value, check):
     cfg = tiny(num_workers=1, max_steps=12, cpus_per_worker=1, **{budget: value})
     summary = train_student(examples_table(), TASK, cfg, str(tmp_path / "run"))
     assert summary["stop_reason"] == budget
     assert check(summary), summary
+
+
+@pytest.mark.slow
+def test_bfloat16_mixed_precision_and_threads(ray_cluster, tmp_path):
+    """train.dtype bfloat16 (autocast, float32 weights) trains and saves a float32 adapter;
+    torch_threads sets the worker's threads."""
+    import math
+
+    from peft.utils import load_peft_weights
+
+    seen = tmp_path / "threads"
+
+    def record_threads(step, rank):  # runs in the worker
+        import torch
+
+        seen.write_text(str(torch.get_num_threads()))
+
+    cfg = tiny(max_steps=3, dtype="bfloat16", torch_threads=2)
+    summary = train_student(examples_table(), TASK, cfg, str(tmp_path / "run"),
+                            on_step=record_threads)
+    assert summary["steps"] == 3 and all(math.isfinite(v) for _, v in summary["loss_curve"])
+    assert seen.read_text() == "2"
+    weights = load_peft_weights(summary["adapter"])
+    assert weights and all(str(w.dtype) == "torch.float32" for w in weights.values())

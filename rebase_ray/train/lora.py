@@ -159,7 +159,9 @@ def train_loop(config: dict) -> None:
     from peft.utils import load_peft_weights
     from transformers import AutoModelForCausalLM
 
-    from rebase_ray.models import resolve, torch_dtype
+    from rebase_ray.models import resolve, set_torch_threads, torch_dtype
+
+    set_torch_threads(config["cpus_per_worker"], config["torch_threads"])
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -203,8 +205,11 @@ def train_loop(config: dict) -> None:
         step_tokens = sum(len(data[i]["input_ids"]) for i in indices)
         ids, mask, labels = collate([data[i] for i in indices[rank::world]],
                                     config["pad_id"])
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    labels=labels.to(device))
+        # bfloat16: mixed precision, the weights and the optimizer stay in float32
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=config["dtype"] == "bfloat16"):
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        labels=labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -343,6 +348,8 @@ def train_student(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, 
     loop_config = {
         "model": cfg.model, "lora": cfg.lora.model_dump(), "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size, "seed": cfg.seed, "pad_id": tokenizer.pad_token_id,
+        "dtype": cfg.dtype, "cpus_per_worker": cfg.cpus_per_worker,
+        "torch_threads": cfg.torch_threads,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": math.ceil(cfg.epochs * steps_per_epoch),
         "max_steps": cfg.max_steps, "max_tokens": cfg.max_tokens,
