@@ -229,8 +229,10 @@ def test_baseline_adapters_in_one_pass_equal_each_model_evaluated_alone(yn_runs)
     for run, alone, as_run in (("base", yn_runs["alone"], "base"),
                                ("fewshot", yn_runs["other"], "trained"),
                                ("trained", yn_runs["adapter"], "trained")):
-        assert [p[run]["logprobs"] for p in both["predictions"]] == pytest.approx(
-            [p[as_run]["logprobs"] for p in alone["predictions"]])
+        got = [p[run]["logprobs"][label] for p in both["predictions"] for label in YN.labels]
+        want = [p[as_run]["logprobs"][label] for p in alone["predictions"]
+                for label in YN.labels]
+        assert got == pytest.approx(want, abs=1e-5)
         assert both["runs"][run] == alone["runs"][as_run]
     assert [p["fewshot"]["logprobs"] for p in both["predictions"]] != \
         [p["trained"]["logprobs"] for p in both["predictions"]]

@@ -138,7 +138,8 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
         for name in ("fewshot", "synthetic"):
             trained = json.loads((root / "baselines" / name / "train" /
                                   "train_summary.json").read_text())
-            assert trained["steps"] == 2 and made[name]["adapter"] == trained["adapter"]
+            assert made[name]["adapter"] == trained["adapter"]
+            assert made[name]["train_steps"] == trained["steps"] >= 1  # max_steps 2, or 1 epoch
         hits = [r for r in teacher.chat_requests() if "<record>" not in r["messages"][-1]
                 ["content"] and "Write ONE new example of the task above" in r["messages"][-1]
                 ["content"]]
