@@ -344,7 +344,7 @@ class TrainConfig(Strict):
 
 class EvaluateConfig(Strict):
     batch_size: int = Field(default=8, gt=0, description="examples per generate call, and "
-                            "(prompt, label) pairs per log-likelihood forward pass")
+                            "prompts per log-likelihood forward pass (their labels share it)")
     max_new_tokens: int = Field(default=64, gt=0)
     max_seq_len: int = Field(
         default=1024, gt=1, description="tokens of prompt + label when labels are ranked by "

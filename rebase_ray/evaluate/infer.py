@@ -52,7 +52,8 @@ class Predictor:
             out["reply"] = np.array(replies, dtype=object)
         if self.labels:
             scored = choice_loglikelihood(self.lm, prompts, self.labels,
-                                          max_seq_len=self.max_seq_len)
+                                          max_seq_len=self.max_seq_len,
+                                          batch_size=self.batch_size)
             out["logprobs"] = np.array([[lp for lp, _ in row] for row in scored],
                                        dtype=np.float64)
         return out
