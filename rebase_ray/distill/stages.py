@@ -320,10 +320,10 @@ class Run:
 
     def __init__(self, task: TaskConfig, pool: pd.DataFrame, out: str, cfg: DistillConfig,
                  train: TrainConfig, evaluate: EvaluateConfig, teacher_url: str,
-                 api_key: str | None, s3: S3Config | None):
+                 api_key: str | None, s3: S3Config | None, teacher_model: str | None = None):
         self.task, self.pool, self.cfg, self.train, self.evaluate = task, pool, cfg, train, evaluate
         self.teacher_url, self.api_key, self.s3 = teacher_url, api_key, s3
-        self.teacher_model: str | None = None
+        self.teacher_model = teacher_model
         self.st, self.out = open_storage(out, s3)
         self.sizes = {str(d): int(n) for d, n in pool["domain"].value_counts().sort_index().items()}
         for d in expected_domains(task, cfg):  # domains the pool lacks are the extreme tail
@@ -434,8 +434,7 @@ def distill(task: TaskConfig, examples: str | pa.Table, out: str, cfg: DistillCo
     if pool.empty:
         raise ConfigError(f"no usable examples in the distill pool ({len(rejects)} rejected: "
                           f"{rejects['reason'].value_counts().to_dict()})")
-    run = Run(task, pool, out, cfg, train, evaluate, teacher_url, api_key, s3)
-    run.teacher_model = teacher_model
+    run = Run(task, pool, out, cfg, train, evaluate, teacher_url, api_key, s3, teacher_model)
     st = run.st
     plan = run.check_plan()
     if len(rejects):
