@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rebase-ray demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" -x -q

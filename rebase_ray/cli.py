@@ -372,9 +372,9 @@ def transform(
 ) -> None:
     """ReBase transformation: retrieved rows → task examples through the teacher."""
     import contextlib
-    import os
 
     from rebase_ray.config import TeacherConfig, TransformConfig, load_pipeline, load_task
+    from rebase_ray.serve.http import teacher_client_key
     from rebase_ray.serve.teacher import local_teacher
     from rebase_ray.transform.pipeline import transform as run_transform
 
@@ -382,7 +382,7 @@ def transform(
         route_logs(out)
         pipe = load_pipeline(config) if config else None
         teacher_cfg = pipe.teacher if pipe else TeacherConfig()
-        key = teacher_cfg.api_key or os.environ.get("REBASE_RAY_API_KEY")
+        key = teacher_client_key(teacher_cfg, local=teacher == "local")
         sources = pipe.sources if pipe and isinstance(pipe.sources, list) else None
         with (local_teacher(teacher_cfg) if teacher == "local"
               else contextlib.nullcontext(teacher)) as url:
@@ -523,10 +523,10 @@ def distill(
     """BalDistill: K budgeted stages of head/tail-balanced selection, synthesis, LoRA training
     and per-domain evaluation (resumes at the first unfinished stage)."""
     import contextlib
-    import os
 
     from rebase_ray.config import load_pipeline
     from rebase_ray.distill import distill as run_distill
+    from rebase_ray.serve.http import teacher_client_key
     from rebase_ray.serve.teacher import local_teacher
     from rebase_ray.storage import Storage
 
@@ -538,7 +538,7 @@ def distill(
         dest = out or Storage.join(pipe.storage_root, "distill")
         route_logs(dest)
         url = teacher or pipe.teacher.url or "local"
-        key = pipe.teacher.api_key or os.environ.get("REBASE_RAY_API_KEY")
+        key = teacher_client_key(pipe.teacher, local=url == "local")
         init_ray(pipe.ray)
         with (local_teacher(pipe.teacher) if url == "local"
               else contextlib.nullcontext(url)) as base_url:

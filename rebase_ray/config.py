@@ -261,6 +261,12 @@ class TransformConfig(Strict):
         default=True, description="with cot: annotate, the teacher writes each kept example's "
         "rationale here (one more request per example); off: the examples go on without one, "
         "and distill annotates only those it selects (BalDistill's budget)")
+    input: Literal["teacher", "row"] = Field(
+        default="teacher", description="teacher: the teacher writes each example's input from "
+        "the retrieved row (ReBase's transformation); row: the row's own text (its values, cut "
+        "to reply.max_input_chars) is the input and the teacher only answers it, greedy, with "
+        "the label check's classification prompt (for a teacher too weak to write inputs; "
+        "label_check roundtrip would repeat that question and is skipped)")
     reply: ReplyFormat = ReplyFormat()
     label_check: LabelCheck = LabelCheck()
 

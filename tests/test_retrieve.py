@@ -4,6 +4,7 @@ actors on the session's local Ray, outputs on local files and on the moto S3 ser
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -141,6 +142,26 @@ def test_diversity_and_cap_options(corpus):
     assert hits["row_key"].iloc[0] == PLANTED  # MMR's first pick is the best row
 
 
+def test_diversity_weight_changes_the_order(corpus):
+    """MMR at weight 1 is the relevance order; a lower weight trades relevance for novelty,
+    so a less relevant row comes before a more relevant one (the first pick stays the best)."""
+    _, task, store = corpus
+    retriever = Retriever(store, RetrieveConfig(top_n=10))
+    scores = {}
+    try:
+        q = retriever.query(task.instruction, [e.input for e in task.examples],
+                            [e.output for e in task.examples])
+        for name, extra in {"plain": {}, "w1": {"diversity": True, "diversity_weight": 1.0},
+                            "w0.3": {"diversity": True, "diversity_weight": 0.3}}.items():
+            retriever.cfg = RetrieveConfig(top_n=10, **extra)
+            scores[name] = [h for h in pd.DataFrame(retriever.search(q).hits)["score"]]
+    finally:
+        retriever.close()
+    np.testing.assert_allclose(scores["w1"], scores["plain"], atol=1e-6)
+    assert scores["w0.3"][0] == pytest.approx(scores["plain"][0])
+    assert any(b > a + 1e-6 for a, b in zip(scores["w0.3"], scores["w0.3"][1:]))
+
+
 def test_cli_writes_to_s3(corpus, s3_bucket):
     root, task, store = corpus
     task_file = root / "task.yaml"
@@ -168,6 +189,28 @@ def test_cli_bad_datastore_is_one_clear_error(corpus):
                                       str(root / "nowhere"), "--out", str(root / "x")])
     assert result.exit_code == 2
     assert "no datastore" in result.output
+
+
+def test_cli_tampered_datastore_is_a_short_error(corpus, tmp_path):
+    """The checksums are verified in the driver before the shard actors start: a few lines
+    naming the file, not an ActorDiedError traceback."""
+    root, task, store = corpus
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    vectors = copy / "shards" / "shard-00001" / "vectors.npy"
+    data = bytearray(vectors.read_bytes())
+    data[-1] ^= 0xFF
+    vectors.write_bytes(bytes(data))
+    task_file = root / "task.yaml"
+    task_file.write_text(yaml.safe_dump(task.model_dump(mode="json")))
+    from rebase_ray.cli import app
+
+    result = CliRunner().invoke(app, ["retrieve", str(task_file), "--datastore", str(copy),
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    said = "".join(result.output.split())  # the console wraps long lines, even at a hyphen
+    assert "shard-00001/vectors.npywasmodified" in said
+    assert "ActorDiedError" not in result.output and len(result.output.splitlines()) < 10
 
 
 # ----------------------------------------------------------------------------- endpoint
@@ -227,3 +270,28 @@ def test_endpoint_over_http(endpoint):
             task, top_n=3, exclude_datasets=["bbc_copy", "news_topic_test"])).json()["rows"]
         assert clean[0]["row_key"] == PLANTED
         assert clean[0]["row"] == {"text": task.examples[0].input, "label": "sport"}
+
+
+def test_endpoint_merges_concurrent_requests(endpoint):
+    """Concurrent requests share `@serve.batch` batches (healthz counts them), and each one
+    gets exactly the rows it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    url, task = endpoint
+    auth = {"Authorization": f"Bearer {KEY}"}
+    bodies = [_body(task, instruction=f"{task.instruction} (variant {i})", top_n=4 + i % 3)
+              for i in range(12)]
+    with httpx.Client(timeout=60) as http:
+        alone = [http.post(f"{url}/retrieve", json=b, headers=auth).json()["rows"]
+                 for b in bodies]
+        before = http.get(f"{url}/healthz").json()
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(lambda b: http.post(f"{url}/retrieve", json=b,
+                                                         headers=auth).json()["rows"], bodies))
+        after = http.get(f"{url}/healthz").json()
+    assert after["requests"] - before["requests"] == 12
+    assert after["batches"] - before["batches"] < 12
+    assert [[r["row_key"] for r in rows] for rows in together] == \
+        [[r["row_key"] for r in rows] for rows in alone]

@@ -169,3 +169,35 @@ def test_print_config_is_a_deployable_serve_config():
 
     res = CliRunner().invoke(app, ["serve", "teacher", "--print-config", "--max-batch-size", "0"])
     assert res.exit_code == 2 and "max_batch_size" in res.output
+
+
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_print_config_leaves_every_secret_out(tmp_path, backend):
+    """The printed config is pasted into manifests: neither the client key (teacher.api_key)
+    nor the server key (teacher.serve.api_key) may appear in it."""
+    (tmp_path / "task.yaml").write_text("name: t\ninstruction: Say hi.\n"
+                                        "examples: [{input: hello, output: hi}]\n")
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
+        "task": "task.yaml", "storage_root": str(tmp_path),
+        "teacher": {"backend": backend, "api_key": "sk-client-7f3a", "model": (
+            "Qwen/Qwen2.5-0.5B-Instruct" if backend == "vllm" else TINY),
+                    "serve": {"api_key": "sk-server-9b1c"}}}))
+    res = CliRunner().invoke(app, ["serve", "teacher", "--print-config", "--config",
+                                   str(tmp_path / "pipeline.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "sk-client" not in res.stdout and "sk-server" not in res.stdout
+    assert "max_batch_size" in res.stdout or "llm_configs" in res.stdout
+
+
+def test_teacher_client_key_is_the_served_key_for_a_local_teacher(monkeypatch):
+    from rebase_ray.serve.http import teacher_client_key
+
+    monkeypatch.delenv("REBASE_RAY_API_KEY", raising=False)
+    served = TeacherConfig(serve={"api_key": "server"})
+    assert teacher_client_key(served, local=True) == "server"
+    assert teacher_client_key(served, local=False) is None  # an endpoint elsewhere: its own
+    both = TeacherConfig(api_key="client", serve={"api_key": "server"}, url="http://x/v1")
+    assert teacher_client_key(both, local=False) == "client"
+    assert teacher_client_key(TeacherConfig(api_key="client"), local=True) == "client"
+    monkeypatch.setenv("REBASE_RAY_API_KEY", "env")
+    assert teacher_client_key(TeacherConfig(), local=True) == "env"

@@ -95,6 +95,8 @@ def test_auth_and_bad_input_codes(teacher):
     auth = {"Authorization": f"Bearer {KEY}"}
     assert httpx.post(url, json=body).status_code == 401
     assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    non_ascii = {"Authorization": "Bearer clé-secrète".encode()}  # compared as bytes: not a 500
+    assert httpx.post(url, json=body, headers=non_ascii).status_code == 401
     assert httpx.get(teacher + "/models").status_code == 401
     assert httpx.get(teacher[:-3] + "/healthz").status_code == 200  # probes need no key
     with pytest.raises(openai.AuthenticationError):
@@ -263,15 +265,20 @@ def test_killed_replica_is_restarted(teacher):
     import ray
 
     replica = metrics(teacher)["replica"]
-    client = TeacherClient(teacher, api_key=KEY, model=TINY, concurrency=2, max_retries=5)
+    # the openai client's backoff (0.5 s doubling, capped at 8 s) over 8 retries outlasts the
+    # replica's restart
+    client = TeacherClient(teacher, api_key=KEY, model=TINY, concurrency=2, max_retries=8)
     results: list = []
     run = threading.Thread(target=lambda: results.extend(
         client.chat_many([HELLO] * 12, max_tokens=16)))
     run.start()
     time.sleep(1.0)  # requests are in flight
     ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)  # the actor's name
-    run.join(timeout=120)
-    assert len(results) == 12  # every request came back, as an answer or an error
+    run.join(timeout=180)
+    assert not run.is_alive(), "the client hung on the killed replica"
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors  # the requests the dead replica held were retried and answered
+    assert len(results) == 12 and client.stats.failures == 0
 
     deadline = time.time() + 60
     while True:  # Serve notices the dead replica and starts a new one

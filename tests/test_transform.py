@@ -40,12 +40,13 @@ REPLIES = {
     "r-error": None,
 }
 # the label check: what the teacher answers when asked to label a generated input
-CLASSIFY = {"bank": "business", "phone": "tech", "minister": "politics", "striker": "sport"}
+CLASSIFY = {"bank": "business", "phone": "tech", "minister": "politics", "striker": "sport",
+            "profits": "business"}
 
 
 def replay_answer(prompt: str):
-    if "Give the output for this input." in prompt:  # the label check
-        generated = prompt.rsplit("Input:", 1)[1]
+    if prompt.startswith(TASK.instruction):  # the label check: the input is the last turn
+        generated = prompt.rsplit("\n", 1)[1]
         return next(label for word, label in CLASSIFY.items() if word in generated)
     record = re.search(r"<record>(.*?)</record>", prompt, re.DOTALL)
     if record is None:  # a rationale request (cot: annotate)
@@ -235,3 +236,34 @@ def test_real_serve_teacher_tiny_model(ray_cluster, serve_port, tmp_path):
     assert len(replies) + s["counts"]["kept"] > 0  # the schema keeps replies short: not all cut
     for reply in replies:
         jsonschema.validate(json.loads(reply), schema)
+
+
+def test_row_input_keeps_the_row_and_the_teacher_only_labels_it(ray_cluster, tmp_path,
+                                                                task_with_eval):
+    """transform.input: row: the retrieved row's text is the input (best input cell first),
+    the teacher answers it greedy and constrained to the labels, one request per row (the
+    default roundtrip check would ask the same question again and is skipped), and the same
+    filters apply (here: the eval-set overlap)."""
+    rows = [{"answer": "What a game.", "question": "The striker scored twice in the cup final."},
+            {"answer": "He said so.", "question": "The minister resigned on Monday."},
+            {"answer": "Indeed.", "question": EVAL_TEXT}]
+    table = hits_table(["r-keep1", "r-keep2", "r-keep3"]).to_pylist()
+    for hit, row in zip(table, rows):
+        hit["row"] = json.dumps(row)
+    st, root = open_storage(str(tmp_path / "hits"))
+    st.write_parquet(st.join(root, "hits.parquet"), pa.Table.from_pylist(table))
+    with ReplayTeacher(replay_answer) as teacher:
+        s = transform(task_with_eval, root, teacher.url, str(tmp_path / "out"),
+                      TransformConfig(input="row", temperature=0.9, max_tokens=16))
+        sent = teacher.chat_requests()
+    assert len(sent) == 3
+    assert all(r["structured_outputs"] == {"choice": TASK.labels} and r["temperature"] == 0
+               and "response_format" not in r for r in sent)
+    st, out = open_storage(str(tmp_path / "out"))
+    ex = st.read_parquet(st.join(out, "examples.parquet")).to_pandas()
+    assert ex[["input", "output", "prompt_version"]].to_dict(orient="records") == [
+        {"input": "The striker scored twice in the cup final. What a game.", "output": "sport",
+         "prompt_version": "classify-v2"},
+        {"input": "The minister resigned on Monday. He said so.", "output": "politics",
+         "prompt_version": "classify-v2"}]
+    assert s["rejects_by_reason"] == {"contaminated": 1}

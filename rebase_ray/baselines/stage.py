@@ -7,7 +7,8 @@ the report can say whether retrieval + distillation beat the simple ways to the 
   with no retrieved row (Prompt2Model-style): the transform stage itself (same prompts minus
   the record, same reply schema, filters, label check and rationales) over as many prompts as
   rows were retrieved, capped at the teacher requests that rebase-ray's transform and distill
-  stages spent together. Each prompt shows the few-shot examples in its own order.
+  stages spent together. Each prompt shows the few-shot examples in its own order. With
+  `transform.input: row` the teacher still writes the inputs here: there is no row to keep.
 
 Writes, per baseline, `OUT/<name>/examples.parquet` (what it trained on; `synthetic/` also
 holds the transform stage's rejects, stats and data card) and `OUT/<name>/train/`, then
@@ -67,7 +68,9 @@ def run(task: TaskConfig, out: str, baselines: list[str], train: TrainConfig,
             hits_uri = st.join(folder, "hits.parquet")
             if not st.exists(hits_uri):
                 st.write_parquet(hits_uri, synthetic_hits(task, prompts))
-            cfg = transform.model_copy(update={"max_requests": max(1, requests)})
+            # no row to keep: the teacher writes every input, whatever transform.input says
+            cfg = transform.model_copy(update={"max_requests": max(1, requests),
+                                               "input": "teacher"})
             made = transform_stage(task, hits_uri, teacher_url, folder, cfg, s3=s3,
                                    api_key=api_key, teacher_model=teacher_model)
             row.update(prompts=prompts, requests=made["teacher"]["requests_total"],

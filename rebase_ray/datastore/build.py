@@ -77,6 +77,7 @@ def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
                     s3: S3Config | None = None, force: bool = False) -> dict:
     """Build (or complete, or extend) the datastore at `out`; returns a summary."""
     start = time.time()
+    files = {s.name: list_files(s, s3) for s in sources}  # a source with no file: before Ray
     init_ray()
     st, out = open_storage(out, s3)
     build_hash = cfg.build_hash()
@@ -84,7 +85,6 @@ def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
     if old is not None and (old.get("config_hash") != build_hash
                             or old.get("format") != FORMAT_VERSION):
         old = None
-    files = {s.name: list_files(s, s3) for s in sources}
     prints = {s.name: fingerprint(s, files[s.name]) for s in sources}
     kept_shards, kept_sources = _intact(st, out, old, prints)
     todo = [s for s in sources if s.name not in kept_sources]

@@ -41,12 +41,17 @@ def choose_factory(n: int, dim: int, cfg: IndexConfig) -> str:
 
 
 def ivfpq_factory(n: int, dim: int) -> str:
-    """IVF with ~4·sqrt(n) lists (at least 39 training points each) and PQ codes; fewer code
-    bits for tiny shards, since PQ needs 2^bits training points."""
+    """IVF with ~4·sqrt(n) lists (at least 39 training points each) and PQ codes of PQ_BYTES
+    sub-quantizers (`dim` of them for a narrower vector); fewer code bits for tiny shards,
+    since PQ needs 2^bits training points. A width that PQ_BYTES does not divide (384 + r
+    dataset dims) is zero-padded to the next multiple ("Pad"): inner products are unchanged,
+    and every r keeps the full code size (a divisor of 389 is 1 byte of code)."""
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-    m = max(d for d in range(1, min(PQ_BYTES, dim) + 1) if dim % d == 0)
+    m = min(PQ_BYTES, dim)
+    width = -(-dim // m) * m
     bits = min(8, max(1, int(math.log2(max(n, 2)))))
-    return f"IVF{nlist},PQ{m}x{bits}" if bits != 8 else f"IVF{nlist},PQ{m}"
+    pad = f"Pad{width}," if width != dim else ""
+    return f"{pad}IVF{nlist},PQ{m}x{bits}" if bits != 8 else f"{pad}IVF{nlist},PQ{m}"
 
 
 def search_params(factory: str, n: int) -> str:

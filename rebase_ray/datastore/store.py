@@ -95,6 +95,14 @@ class Datastore:
             return self.st.path(self.st.join(self.uri, *rel.split("/")))
         return self._download(rel, shard["files"][rel]["sha256"])
 
+    def verify_all(self) -> None:
+        """Check (on S3: fetch into the local cache) every shard's files now, so that a
+        tampered datastore fails in the caller's process with a short ChecksumError before any
+        shard actor starts (the actors then find the hashes cached)."""
+        for i, shard in enumerate(self.manifest["shards"]):
+            for rel in shard["files"]:
+                self._path(i, rel.rsplit("/", 1)[-1])
+
     def _download(self, rel: str, sha256: str) -> str:
         local = Path(self._local, *rel.split("/"))
         if local.exists() and file_sha256(local, self.verify == "cached") == sha256:

@@ -61,6 +61,7 @@ class Retriever:
 
         self.cfg = cfg
         self.store = Datastore.open(datastore, s3, verify=cfg.verify)
+        self.store.verify_all()  # a tampered file: one short error here, not an actor's death
         self.embed = CachedEmbedder(self.store.embed, cfg.embed_cache)
         sources = self.store.sources()
         self.source_names: list[str] = sources["name"].to_pylist()

@@ -13,13 +13,15 @@ import hmac
 import json
 import os
 import socket
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+
+from rebase_ray.config import TeacherConfig
 
 API_KEY_ENV = "REBASE_RAY_API_KEY"
 M = TypeVar("M", bound=BaseModel)
@@ -31,6 +33,32 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 def resolve_api_key(configured: str | None) -> str | None:
     """The key from config, else from $REBASE_RAY_API_KEY; None means no auth."""
     return configured or os.environ.get(API_KEY_ENV) or None
+
+
+def teacher_client_key(cfg: TeacherConfig, local: bool) -> str | None:
+    """The key every teacher client sends: for a teacher this run serves itself (`local`) the
+    key it is served with (`teacher.serve.api_key`, else `teacher.api_key`); for an endpoint
+    elsewhere `teacher.api_key`; else $REBASE_RAY_API_KEY."""
+    return resolve_api_key((cfg.serve.api_key or cfg.api_key) if local else cfg.api_key)
+
+
+SECRET_NAMES = {"api_key", "key", "secret", "password", "token"}
+
+
+def without_secrets(value: Any) -> Any:
+    """`value` (nested dicts and lists) with every value whose key names a secret (api_key,
+    key, secret, password, token, or ending in _<one of them>) set to None: a printed serve
+    config is pasted into manifests, so keys come from $REBASE_RAY_API_KEY on the cluster."""
+    if isinstance(value, dict):
+        return {k: None if _is_secret(str(k)) else without_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_secrets(v) for v in value]
+    return value
+
+
+def _is_secret(name: str) -> bool:
+    name = name.lower()
+    return name in SECRET_NAMES or any(name.endswith("_" + n) for n in SECRET_NAMES)
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -70,7 +98,9 @@ class Guard:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+        # bytes: compare_digest refuses a str with non-ASCII characters (TypeError, a 500)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.api_key.encode()):
             raise HTTPException(401, "missing or invalid API key (send 'Authorization: Bearer "
                                      "KEY')")
 

@@ -33,6 +33,7 @@ from rebase_ray.serve.http import (
     resolve_api_key,
     start_proxy,
     wait_for_interrupt,
+    without_secrets,
 )
 
 APP_NAME = "retriever"
@@ -67,6 +68,7 @@ class RetrieverServer:
         self.search_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.guard = Guard(api_key, self.cfg.serve.max_request_bytes)
         self.datastore = datastore
+        self.served = {"requests": 0, "batches": 0}  # this replica's, since it started
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -74,7 +76,7 @@ class RetrieverServer:
         return {"status": "ok", "datastore": self.datastore, "cells": self.retriever.num_cells,
                 "shards": len(self.retriever.shard_info),
                 "embed_cache": {"texts": len(cache.vectors), "hits": cache.hits,
-                                "misses": cache.misses}}
+                                "misses": cache.misses}, **self.served}
 
     @api.post("/retrieve")
     async def retrieve(self, request: Request) -> dict[str, Any]:
@@ -94,6 +96,8 @@ class RetrieverServer:
     def _search(self, reqs: list[RetrieveRequest]) -> list[Retrieval]:
         """One embedding call for the batch, then one `search_many` per distinct
         (top_n, exclude_datasets) among its requests."""
+        self.served["requests"] += len(reqs)
+        self.served["batches"] += 1
         queries = self.retriever.queries([
             (r.instruction, [e.input for e in r.examples], [e.output for e in r.examples])
             for r in reqs])
@@ -137,9 +141,8 @@ def app_builder(args: dict[str, Any]):
 
 def serve_config(datastore: str, cfg: RetrieveConfig, name: str = APP_NAME) -> dict[str, Any]:
     """A Serve config file (`serve deploy`, KubeRay RayService) for the retriever. The API key
-    is left out: set REBASE_RAY_API_KEY on the cluster."""
-    args = cfg.model_dump(mode="json")
-    args["serve"]["api_key"] = None
+    and every other secret are left out: set REBASE_RAY_API_KEY on the cluster."""
+    args = without_secrets(cfg.model_dump(mode="json"))
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port or 8000,

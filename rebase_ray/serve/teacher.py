@@ -54,6 +54,7 @@ from rebase_ray.serve.http import (
     resolve_api_key,
     start_proxy,
     wait_for_interrupt,
+    without_secrets,
 )
 from rebase_ray.teacher.backends import (
     Completion,
@@ -402,13 +403,13 @@ def app_builder(args: dict[str, Any]):
 
 def serve_config(cfg: TeacherConfig, name: str = APP_NAME) -> dict[str, Any]:
     """A Serve config file (`serve deploy`, KubeRay RayService `serveConfigV2`) for `cfg`.
-    The API key is left out: set REBASE_RAY_API_KEY on the cluster."""
+    Every secret is left out (`http.without_secrets`): set REBASE_RAY_API_KEY on the cluster."""
     if cfg.backend == "vllm":
-        application = {"import_path": VLLM_IMPORT_PATH, "args": openai_app_args(cfg)}
+        application = {"import_path": VLLM_IMPORT_PATH,
+                       "args": without_secrets(openai_app_args(cfg))}
     else:
-        args = cfg.model_dump(mode="json")
-        args["serve"]["api_key"] = None
-        application = {"import_path": f"{__name__}:app_builder", "args": args}
+        application = {"import_path": f"{__name__}:app_builder",
+                       "args": without_secrets(cfg.model_dump(mode="json"))}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port or 8000,

@@ -6,13 +6,16 @@ of the prompt that made it, so a prompt change never mixes silently with older d
 - rationale (BalDistill / cot: annotate): input + gold output → a zero-shot rationale that
   ends with "Answer: <gold>";
 - synthesis (BalDistill, tail domains): a few examples of one domain → one new example;
-- classification (the label check): the task and its few-shot examples → the label of an input.
+- classification (the label check, transform.input: row): the task and its few-shot examples
+  as chat turns → the answer to an input.
 
 The JSON shape each reply must have is also sent as a schema (`transform/schema.py`); the
 prompts name the same keys, so a teacher that ignores the schema still knows them.
 
 Retrieved text is untrusted: it is fenced between record tags and the prompt says to ignore
-instructions inside it.
+instructions inside it. A row answered as an input (transform.input: row) is not fenced; for a
+label task its reply is constrained to the labels, so an instruction inside it can only pick
+one of them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from rebase_ray.config import TaskConfig
 TRANSFORM_VERSION = "rebase-transform-v3"
 RATIONALE_VERSION = "rationale-v2"
 SYNTHESIS_VERSION = "synthesis-v3"
-CLASSIFY_VERSION = "classify-v1"
+CLASSIFY_VERSION = "classify-v2"
 
 
 def writes_rationale(task: TaskConfig, synthesis: bool = False) -> bool:
@@ -148,9 +151,13 @@ def synthesis_messages(task: TaskConfig, domain: str, examples: list[dict[str, s
 
 
 def classify_messages(task: TaskConfig, input_text: str) -> list[dict[str, str]]:
-    """The label check: the task's instruction, labels and few-shot examples, then one input
-    whose label the teacher gives (constrained to the label set)."""
-    lines = [_task_block(task), "Give the output for this input.",
-             f"Input: {input_text.strip()}"]
-    return [{"role": "system", "content": "You solve tasks. Reply with the output only."},
-            {"role": "user", "content": "\n".join(lines)}]
+    """The task's answer to one input (the label check; transform.input: row): the instruction
+    as the system message, the few-shot examples as earlier user/assistant turns, then the
+    input, answered constrained to the label set. Measured on the demo's BBC dev split with the
+    bundled 135M teacher: 52% of the labels right as chat turns, 20% (every article
+    "business") with the examples inside one user message (classify-v1)."""
+    messages = [{"role": "system", "content": task.instruction.strip()}]
+    for e in task.examples:
+        messages += [{"role": "user", "content": e.input.strip()},
+                     {"role": "assistant", "content": e.output.strip()}]
+    return [*messages, {"role": "user", "content": input_text.strip()}]

@@ -3,6 +3,8 @@ a reject reason, for ReBase's transformation and BalDistill's synthesis and anno
 
 - `judge_example`: a generated example ({"input", ["rationale",] "output"}) → truncated,
   unparseable, or the per-example filters (filters.check); the answer is canonicalised;
+- `judge_answer`: the answer to a given input (transform.input: row) → truncated or the
+  same filters;
 - `judge_rationale`: a rationale for a known answer ({"rationale", "answer"}, or free text
   ending in "Answer: ...") → truncated, rationale_disagrees, or kept.
 
@@ -50,6 +52,19 @@ def judge_example(reply: Completion, ctx: FilterContext) -> Verdict:
     reason = check(example, ctx)
     return Verdict(reason, parsed["output"][:500] if reason else "", parsed["input"],
                    example["answer"], rationale)
+
+
+def judge_answer(reply: Completion, input_text: str, ctx: FilterContext) -> Verdict:
+    """The teacher's answer to a given input (transform.input: row): the reply is the output."""
+    cut = _truncated(reply)
+    if cut:
+        return cut
+    output = reply.text.strip()
+    rationale, answer = split_output(output, ctx.task)
+    example = {"input": input_text, "output": output, "answer": answer}
+    reason = check(example, ctx)
+    return Verdict(reason, output[:500] if reason else "", input_text, example["answer"],
+                   rationale)
 
 
 def judge_rationale(reply: Completion, gold: str, labels: list[str] | None) -> Verdict:

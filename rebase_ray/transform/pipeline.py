@@ -5,6 +5,9 @@
     [annotate: second teacher call for a rationale] → [label check: the teacher labels the
     generated input again] → parts → dedup → examples
 
+With `transform.input: row` the retrieved row's own text is the input, and the teacher only
+answers it (the label check's classification prompt, greedy, constrained to the labels).
+
 Every hit ends as exactly one example or one reject (with its reason). Results are written in
 parts as they stream in, so an interrupted run resumes where it stopped: a hit whose result is
 already written costs no teacher call on rerun (failed and budget-refused hits are retried).
@@ -29,8 +32,10 @@ from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
 from rebase_ray.teacher.prompts import (
+    CLASSIFY_VERSION,
     RATIONALE_VERSION,
     TRANSFORM_VERSION,
+    classify_messages,
     cut,
     rationale_messages,
     transformation_messages,
@@ -38,9 +43,9 @@ from rebase_ray.teacher.prompts import (
 from rebase_ray.text import NgramIndex
 from rebase_ray.transform.datacard import data_card
 from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext
-from rebase_ray.transform.judge import judge_example, judge_rationale
+from rebase_ray.transform.judge import judge_answer, judge_example, judge_rationale
 from rebase_ray.transform.label_check import check_labels
-from rebase_ray.transform.schema import reply_formats
+from rebase_ray.transform.schema import label_choice, reply_formats
 
 RETRYABLE = {"teacher_error", "budget_exhausted"}
 RESULT_COLUMNS = ["example_id", "row_key", "dataset", "domain", "rank", "status", "reason",
@@ -63,6 +68,14 @@ def row_for_prompt(hit: dict[str, Any], cfg: TransformConfig) -> tuple[dict[str,
     return {c: row[c] for c in dict.fromkeys(best)} or dict(list(row.items())[:2]), True
 
 
+def row_input(hit: dict[str, Any], row: dict[str, str], max_chars: int) -> str:
+    """The retrieved row's own text as a task input (transform.input: row): its values, the
+    best-matching input and output cells first, cut to `max_chars`."""
+    first = [c for c in (hit.get("best_input_column"), hit.get("best_output_column")) if c in row]
+    ordered = [*dict.fromkeys(first), *(c for c in row if c not in first)]
+    return cut(" ".join(row[c] for c in ordered), max_chars)
+
+
 class TeacherWorker:
     """Ray Data actor: prompts a batch of hits through the teacher endpoint, parses and
     filters the replies, and (cot: annotate) asks for a rationale for each kept example."""
@@ -77,28 +90,45 @@ class TeacherWorker:
         self.sampling = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
                          "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed}
         self.formats = reply_formats(self.task, self.cfg.reply)
+        # transform.input: row: the teacher answers the row's text, greedy; a label task's
+        # answer is constrained to the label set
+        self.answer_sampling = {"temperature": 0.0, "max_tokens": self.cfg.max_tokens,
+                                "seed": self.cfg.seed}
+        if self.task.labels and self.cfg.reply.structured:
+            self.answer_sampling["structured_outputs"] = label_choice(self.task)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         hits = batch.to_dict(orient="records")
         rows = [row_for_prompt(h, self.cfg) for h in hits]
-        prompts = [transformation_messages(self.task, r, self.cfg.max_value_chars,
-                                           variant=zlib.crc32(h["row_key"].encode()))
-                   for h, (r, _) in zip(hits, rows)]
-        replies = self.client.chat_many(prompts, **self.sampling, **self.formats["example"])
-        results = [self._result(h, reply, was_cut) for h, reply, (_, was_cut)
-                   in zip(hits, replies, rows)]
+        if self.cfg.input == "row":
+            inputs = [row_input(h, r, self.cfg.reply.max_input_chars)
+                      for h, (r, _) in zip(hits, rows)]
+            replies = self.client.chat_many([classify_messages(self.task, x) for x in inputs],
+                                            **self.answer_sampling)
+        else:
+            inputs = [None] * len(hits)
+            prompts = [transformation_messages(self.task, r, self.cfg.max_value_chars,
+                                               variant=zlib.crc32(h["row_key"].encode()))
+                       for h, (r, _) in zip(hits, rows)]
+            replies = self.client.chat_many(prompts, **self.sampling, **self.formats["example"])
+        results = [self._result(h, reply, was_cut, given) for h, reply, (_, was_cut), given
+                   in zip(hits, replies, rows, inputs)]
         if self.task.labels:  # before annotation: a rationale argues the confirmed label
             self._check_labels([r for r in results if r["status"] == "kept"])
         if self.task.cot == "annotate" and self.cfg.annotate:
             self._annotate([r for r in results if r["status"] == "kept"])
         return pd.DataFrame(results, columns=RESULT_COLUMNS)
 
-    def _result(self, hit: dict, reply: Any, was_cut: bool) -> dict[str, Any]:
+    def _result(self, hit: dict, reply: Any, was_cut: bool,
+                given_input: str | None) -> dict[str, Any]:
+        """One hit's result; `given_input` (transform.input: row): the input the reply
+        answers, else the reply is a whole generated example."""
         res = {c: hit.get(c) for c in ("row_key", "dataset", "domain", "rank", "score",
                                        "input_score", "output_score", "dataset_score", "row")}
         res.update(example_id=example_id(self.task.name, hit["row_key"]), status="rejected",
                    reason=None, detail="", input="", output="", rationale="",
-                   teacher=self.client.model or "", prompt_version=TRANSFORM_VERSION,
+                   teacher=self.client.model or "",
+                   prompt_version=TRANSFORM_VERSION if given_input is None else CLASSIFY_VERSION,
                    flags=json.dumps(["row_cut_to_best_cells"] if was_cut else []), reply="",
                    requests=0 if isinstance(reply, BudgetExceeded) else 1, prompt_tokens=0,
                    completion_tokens=0)
@@ -109,7 +139,8 @@ class TeacherWorker:
             return res
         res.update(reply=reply.text[:4000], prompt_tokens=reply.prompt_tokens,
                    completion_tokens=reply.completion_tokens, teacher=self.client.model or "")
-        v = judge_example(reply, self.ctx)
+        v = (judge_example(reply, self.ctx) if given_input is None
+             else judge_answer(reply, given_input, self.ctx))
         res.update(input=v.input, output=v.output, rationale=v.rationale, detail=v.detail)
         if v.reason:
             res["reason"] = v.reason
@@ -140,7 +171,10 @@ class TeacherWorker:
 
     def _check_labels(self, kept: list[dict[str, Any]]) -> None:
         """The label check (transform.label_check): a kept example whose label the teacher
-        does not confirm is rejected; a vote may relabel it."""
+        does not confirm is rejected; a vote may relabel it. With transform.input: row the
+        label already is the teacher's greedy classification, which roundtrip would repeat."""
+        if self.cfg.input == "row" and self.cfg.label_check.mode == "roundtrip":
+            return
         verdicts = check_labels(self.client, self.task, self.ctx,
                                 [(r["input"], r["output"]) for r in kept],
                                 self.cfg.label_check, self.cfg.seed)
