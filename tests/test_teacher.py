@@ -198,6 +198,6 @@ def test_teacher_client_key_is_the_served_key_for_a_local_teacher(monkeypatch):
     assert teacher_client_key(served, local=False) is None  # an endpoint elsewhere: its own
     both = TeacherConfig(api_key="client", serve={"api_key": "server"}, url="http://x/v1")
     assert teacher_client_key(both, local=False) == "client"
-    assert teacher_client_key(TeacherConfig(api_key="client"), local=True) == "client"
+    assert teacher_client_key(TeacherConfig(api_key="client"), local=True) is None  # as served
     monkeypatch.setenv("REBASE_RAY_API_KEY", "env")
     assert teacher_client_key(TeacherConfig(), local=True) == "env"

@@ -36,10 +36,10 @@ def resolve_api_key(configured: str | None) -> str | None:
 
 
 def teacher_client_key(cfg: TeacherConfig, local: bool) -> str | None:
-    """The key every teacher client sends: for a teacher this run serves itself (`local`) the
-    key it is served with (`teacher.serve.api_key`, else `teacher.api_key`); for an endpoint
-    elsewhere `teacher.api_key`; else $REBASE_RAY_API_KEY."""
-    return resolve_api_key((cfg.serve.api_key or cfg.api_key) if local else cfg.api_key)
+    """The key every teacher client sends: to a teacher this run serves itself (`local`) the
+    key that server checks (`teacher.serve.api_key`, else $REBASE_RAY_API_KEY); to an endpoint
+    elsewhere `teacher.api_key`, else $REBASE_RAY_API_KEY."""
+    return resolve_api_key(cfg.serve.api_key if local else cfg.api_key)
 
 
 SECRET_NAMES = {"api_key", "key", "secret", "password", "token"}
