@@ -52,3 +52,16 @@ def test_ivfpq_recall_after_exact_rescoring(tmp_path, r):
         top = ids[np.argsort(-(x[ids] @ q[i]))[:10]]
         found += len(set(top) & set(truth[i]))
     assert found / truth.size >= 0.9
+
+
+def test_factory_thresholds_by_shard_size():
+    from rebase_ray.config import IndexConfig
+    from rebase_ray.datastore.index import choose_factory
+
+    cfg = IndexConfig()
+    assert choose_factory(cfg.flat_max_cells, 389, cfg) == "Flat"
+    assert choose_factory(cfg.flat_max_cells + 1, 389, cfg) == "HNSW32,Flat"
+    assert choose_factory(cfg.hnsw_max_cells, 389, cfg) == "HNSW32,Flat"
+    assert choose_factory(cfg.hnsw_max_cells + 1, 389, cfg).startswith("Pad448,IVF")
+    assert choose_factory(10, 389, IndexConfig(index="ivfpq")).startswith("Pad448,IVF")
+    assert choose_factory(10**6, 389, IndexConfig(factory="IVF64,Flat")) == "IVF64,Flat"

@@ -85,6 +85,7 @@ def build_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int 
     import faiss
 
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    _skip_polysemous_training(index)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         take = min(len(vectors), train_sample)
@@ -93,6 +94,20 @@ def build_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int 
         index.train(np.ascontiguousarray(sample))
     index.add(np.ascontiguousarray(vectors))
     return index
+
+
+def _skip_polysemous_training(index) -> None:
+    """IVF-PQ trains a permutation of its codes for polysemous search by default; our search
+    never uses it (polysemous_ht stays 0), and it was 59 s of 62 s of building a PQ64 index
+    of 3,000 vectors here. The codes and the distances are the same without it."""
+    import faiss
+
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # not an IVF index
+        return
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
 
 
 def apply_params(index, params: str):
