@@ -53,6 +53,7 @@ from rebase_ray.serve.http import (
     install_error_handlers,
     resolve_api_key,
     start_proxy,
+    teacher_client_key,
     wait_for_interrupt,
     without_secrets,
 )
@@ -441,6 +442,6 @@ def serve_teacher(cfg: TeacherConfig, on_ready: Callable[[str], Any]) -> dict[st
     with local_teacher(cfg) as url:
         on_ready(url)
         wait_for_interrupt()
-        metrics = TeacherClient(url, api_key=resolve_api_key(cfg.serve.api_key)).server_metrics()
+        metrics = TeacherClient(url, api_key=teacher_client_key(cfg, local=True)).server_metrics()
     return {"url": url, "backend": cfg.backend, "model": served_name(cfg),
             "served_s": round(time.time() - started, 1), "metrics": metrics}

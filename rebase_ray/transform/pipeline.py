@@ -58,21 +58,26 @@ def example_id(task: str, row_key: str) -> str:
     return hashlib.sha256(f"{task}\x1f{row_key}\x1f{TRANSFORM_VERSION}".encode()).hexdigest()[:16]
 
 
+def best_columns(hit: dict[str, Any], row: dict[str, str]) -> list[str]:
+    """The row's best-matching input and output columns (retrieval's), once each, in order."""
+    return list(dict.fromkeys(c for c in (hit.get("best_input_column"),
+                                          hit.get("best_output_column")) if c in row))
+
+
 def row_for_prompt(hit: dict[str, Any], cfg: TransformConfig) -> tuple[dict[str, str], bool]:
     """The retrieved row as {column: value}; a row longer than `max_row_chars` (after cutting
     each value) falls back to its best-matching input and output cells. Returns (row, cut)."""
     row = {k: str(v) for k, v in json.loads(hit["row"]).items() if str(v).strip()}
     if sum(len(cut(v, cfg.max_value_chars)) for v in row.values()) <= cfg.max_row_chars:
         return row, False
-    best = [c for c in (hit.get("best_input_column"), hit.get("best_output_column")) if c in row]
-    return {c: row[c] for c in dict.fromkeys(best)} or dict(list(row.items())[:2]), True
+    return {c: row[c] for c in best_columns(hit, row)} or dict(list(row.items())[:2]), True
 
 
 def row_input(hit: dict[str, Any], row: dict[str, str], max_chars: int) -> str:
     """The retrieved row's own text as a task input (transform.input: row): its values, the
     best-matching input and output cells first, cut to `max_chars`."""
-    first = [c for c in (hit.get("best_input_column"), hit.get("best_output_column")) if c in row]
-    ordered = [*dict.fromkeys(first), *(c for c in row if c not in first)]
+    first = best_columns(hit, row)
+    ordered = [*first, *(c for c in row if c not in first)]
     return cut(" ".join(row[c] for c in ordered), max_chars)
 
 
