@@ -2,6 +2,7 @@
 and training seeds), as a person runs it: `rebase-ray demo` in a fresh folder, timed per stage.
 
     .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2] [--eval test|dev]
+        [--set SECTION.KEY=YAML ...] [--name STEM]
 
 Per seed: wall time per stage and in all, examples kept by transform, gathered by distill and
 trained on by each baseline, the primary metric (acc, labels ranked by log-likelihood) of the
@@ -15,7 +16,8 @@ produced, and how often its rationales agreed with the answer they were asked to
 
 `--eval dev` scores on the BBC dev split (20 articles per topic from the articles after the
 held-out ones) instead of the held-out test set: settings are chosen there, never on `test`.
-Writes benchmarks/results/demo_seeds.json (or demo_seeds_dev.json).
+`--set` tries a setting on dev before it goes into examples/demo/pipeline.yaml.
+Writes benchmarks/results/demo_seeds.json (or demo_seeds_dev.json, or STEM.json).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ TOPIC_OF_SOURCE = {"chatterbot_sports": "sport", "chatterbot_money": "business",
                    "chatterbot_coding": "tech"}
 
 
-def demo_folder(folder: Path, seed: int, split: str) -> None:
-    """examples/demo copied into `folder`, with `seed` and (dev) the dev split as eval set."""
+def demo_folder(folder: Path, seed: int, split: str, overrides: list[str]) -> None:
+    """examples/demo copied into `folder`, with `seed`, the `SECTION.KEY=YAML` overrides of
+    its pipeline.yaml and (dev) the dev split as eval set."""
     from rebase_ray.demo import prepare
 
     folder.mkdir(parents=True)
@@ -52,6 +55,13 @@ def demo_folder(folder: Path, seed: int, split: str) -> None:
     pipe = yaml.safe_load((REPO / "examples" / "demo" / "pipeline.yaml").read_text())
     for section in ("transform", "distill", "train"):
         pipe.setdefault(section, {})["seed"] = seed
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = pipe
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False))
     prepare(folder)
     if split == "dev":
@@ -105,6 +115,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval", choices=["test", "dev"], default="test")
     ap.add_argument("--work", default="/tmp/rebase-ray-demo-seeds")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=YAML", help="a pipeline.yaml setting to try (dev)")
+    ap.add_argument("--name", help="results file stem (default demo_seeds[_dev])")
     args = ap.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -112,7 +125,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         folder = work / f"seed-{seed}"
-        demo_folder(folder, seed, args.eval)
+        demo_folder(folder, seed, args.eval, args.overrides)
         t0 = time.time()
         proc = subprocess.run([str(Path(sys.executable).parent / "rebase-ray"), "demo", "--dir",
                                str(folder)], cwd=folder, capture_output=True, text=True,
@@ -133,7 +146,8 @@ def main() -> None:
         runs.append(run)
     counts = [r["distill_examples"] for r in runs]
     summary = {
-        "eval": args.eval, "seeds": args.seeds, "load_avg_1m_at_start": round(load, 2),
+        "eval": args.eval, "seeds": args.seeds, "overrides": args.overrides,
+        "load_avg_1m_at_start": round(load, 2),
         "runs": runs,
         "distill_examples_spread": round((max(counts) - min(counts)) / max(1, min(counts)), 3),
         "gain_signs": [1 if r["gain_over_base"] > 0 else -1 if r["gain_over_base"] < 0 else 0
@@ -145,8 +159,8 @@ def main() -> None:
                                       Counter())),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "demo_seeds.json" if args.eval == "test" else "demo_seeds_dev.json"
-    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
+    name = args.name or ("demo_seeds" if args.eval == "test" else "demo_seeds_dev")
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
 
 

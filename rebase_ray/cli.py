@@ -595,7 +595,7 @@ def serve_teacher(
         raise typer.Exit(2) from None
     from rebase_ray.serve.teacher import serve_config
     from rebase_ray.serve.teacher import serve_teacher as run_teacher
-    from rebase_ray.teacher.vllm_backend import VLLMUnavailable
+    from rebase_ray.serve.vllm_app import VLLMUnavailable
 
     if print_config:
         try:

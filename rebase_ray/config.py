@@ -129,6 +129,10 @@ class IndexConfig(Strict):
     torch_threads: int | None = Field(
         default=None, gt=0, description="threads per embedding actor; None: its CPU count")
     encode_batch_size: int = Field(default=64, gt=0, description="sentence-transformers batch")
+    piece_cells: int = Field(
+        default=1024, gt=0, description="cells per staged piece of embeddings: pieces are "
+        "written as they finish and a rerun of a killed build embeds only the missing ones "
+        "(~15 s of a CPU actor's work; each piece writes one file per shard it touches)")
     build_cpus: float = Field(default=1, gt=0, description="CPUs per shard-index build task")
     max_value_chars: int = Field(default=2000, gt=0, description="values are cut to this length")
     reject_value_chars: int = Field(
@@ -144,11 +148,24 @@ class IndexConfig(Strict):
         default=32, ge=0, le=256, description="index dimensions that carry the dataset score "
         "(exact for shards with at most this many sources); 0: cell similarity alone")
 
+    @staticmethod
+    def _resource_fields() -> set[str]:
+        """The fields that change how a datastore is built, not what is built."""
+        return {"batch_size", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor",
+                "torch_threads", "encode_batch_size", "build_cpus", "piece_cells"}
+
     def build_hash(self) -> str:
         """Hash of the fields that change what is built (not how many resources build it)."""
-        return config_hash(self.model_dump(exclude={
-            "batch_size", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor",
-            "torch_threads", "encode_batch_size", "build_cpus"}))
+        return config_hash(self.model_dump(exclude=self._resource_fields()))
+
+    def embed_hash(self) -> str:
+        """Hash of the fields that change which cells are embedded and their vectors: those of
+        `build_hash` less the index's own and the shard layout (a build's staging key holds
+        its shard count). A field not excluded here counts, so staged embeddings are never
+        reused across a change that could alter them."""
+        return config_hash(self.model_dump(exclude=self._resource_fields() | {
+            "shards", "target_shard_cells", "index", "factory", "flat_max_cells",
+            "hnsw_max_cells", "train_sample", "dataset_dims"}))
 
 
 class ServeConfig(Strict):
@@ -224,10 +241,19 @@ class ReplyFormat(Strict):
     structured: bool = Field(
         default=True, description="request a JSON schema; off: free text, parsed leniently "
         "(for endpoints that refuse response_format)")
+    min_input_chars: int = Field(default=1, gt=0, description="minLength of `input`; a "
+                                 "shorter input (free-text replies) is rejected `too_short`")
     max_input_chars: int = Field(default=600, gt=0, description="maxLength of `input`")
     max_answer_chars: int = Field(default=200, gt=0, description="maxLength of a non-label "
                                   "`output`")
     max_rationale_chars: int = Field(default=600, gt=0, description="maxLength of `rationale`")
+
+    @model_validator(mode="after")
+    def _input_range(self) -> ReplyFormat:
+        if self.min_input_chars > self.max_input_chars:
+            raise ValueError(f"reply.min_input_chars ({self.min_input_chars}) is above "
+                             f"reply.max_input_chars ({self.max_input_chars})")
+        return self
 
 
 class LabelCheck(Strict):
@@ -299,6 +325,10 @@ class DistillConfig(Strict):
         default=LabelCheck(mode="none"), description="checks the labels of synthesized "
         "examples; a synthesis then costs 1 + its label requests, and a tail domain "
         "synthesizes as many as its quota pays for")
+    task_examples: bool = Field(
+        default=True, description="the task's few-shot examples join the student's training "
+        "set from stage 1, at no teacher cost, as they make the fewshot baseline's: the "
+        "comparison then measures what retrieval and distillation add to them")
     evaluate_stages: bool = Field(
         default=True, description="evaluate the student on the eval set after every stage (the "
         "per-stage curves); off: only the pipeline's evaluate stage scores the final student")

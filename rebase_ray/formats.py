@@ -16,6 +16,7 @@ teacher's reasoning.
 from __future__ import annotations
 
 import re
+import string
 
 from rebase_ray.text import normalize
 
@@ -75,6 +76,45 @@ def split_answer(text: str) -> tuple[str, str]:
     return "", _clean(text)
 
 
+# ----------------------------------------------------------------------------- labels
+# how a label answer is read (the evaluation's gen_flexible, and checked_rationale)
+
+# a choice letter at the start of an answer: "(B)", "B.", "B)" or "B:" followed by nothing or
+# by whitespace (and the choice's text), or the letter alone
+_CHOICE = re.compile(r"^(?:\(([a-z])\)|([a-z])[.):]|([a-z])$)(?:\s|$)", re.IGNORECASE)
+
+
+def normalize_label(text: str) -> str:
+    """Lower case, whitespace collapsed, surrounding punctuation removed."""
+    text = " ".join((text or "").lower().split())
+    return text.strip(string.punctuation + " ")
+
+
+def _is_letter(label: str) -> bool:
+    return len(label) == 1 and label.isalpha()
+
+
+def named_label(answer: str, labels: list[str]) -> str | None:
+    """The one label (as written in `labels`) that an answer names, else None."""
+    norm = {normalize_label(label): label for label in labels}
+    text = normalize_label(answer)
+    if text in norm:
+        return norm[text]
+    choice = _CHOICE.match((answer or "").strip())
+    letter = next(g for g in choice.groups() if g).lower() if choice else None
+    if letter in norm:
+        return norm[letter]
+    named = [label for n, label in norm.items()
+             if not _is_letter(n) and re.search(rf"\b{re.escape(n)}\b", text)]
+    return named[0] if len(named) == 1 else None
+
+
+def flexible_score(answer: str, gold: str, labels: list[str]) -> float:
+    """1.0 when the answer names the gold label (`named_label`)."""
+    named = named_label(answer, labels)
+    return float(named is not None and normalize_label(named) == normalize_label(gold))
+
+
 def checked_rationale(reply: str, gold: str, labels: list[str] | None) -> tuple[str, str]:
     """(rationale, final answer) of a teacher's annotation of an example whose answer is
     `gold`; the rationale is "" when the reply has none or its answer disagrees with `gold`.
@@ -83,9 +123,6 @@ def checked_rationale(reply: str, gold: str, labels: list[str] | None) -> tuple[
     after it ("C\n\nExplanation: ...") counts, the first line as the answer. Label answers
     agree as the evaluation's gen_flexible scores them (`flexible_score`: the one label named,
     a choice letter); other answers after text normalisation."""
-    # imported here: rebase_ray.evaluate imports this module
-    from rebase_ray.evaluate.metrics import flexible_score
-
     rationale, answer = split_answer(reply)
     if not rationale and "\n" in answer:
         answer, rationale = (part.strip() for part in answer.split("\n", 1))

@@ -24,7 +24,6 @@ from rebase_ray.retrieve.stage import HOW_NOT_WHAT
 from rebase_ray.runtime import init_ray
 from rebase_ray.storage import Storage, open_storage
 
-STAGES = ("index", "retrieve", "transform", "distill", "baselines", "evaluate")
 RUN_MANIFEST = "run.json"
 # the file each stage writes last: its presence means the stage's outputs are complete
 FINISHED = {"index": "manifest.json", "retrieve": "manifest.json", "transform": "manifest.json",
@@ -327,3 +326,4 @@ STAGE_FUNCS: dict[str, Callable[[Run, str | None], dict]] = {
     "index": _index, "retrieve": _retrieve, "transform": _transform, "distill": _distill,
     "baselines": _baselines, "evaluate": _evaluate,
 }
+STAGES = tuple(STAGE_FUNCS)  # the stages, in the order they run

@@ -93,3 +93,10 @@ def load_eval_set(task: TaskConfig, s3: S3Config | None = None) -> EvalSet:
             continue
         out.records.append(rec)
     return out
+
+
+def fewshot_rows(task: TaskConfig) -> list[dict[str, str]]:
+    """The task's few-shot examples as training examples (ids `fewshot-<i>`, no rationale):
+    what the fewshot baseline trains on, and what the distilled student trains on besides."""
+    return [{"example_id": f"fewshot-{i}", "input": e.input, "output": e.output, "rationale": ""}
+            for i, e in enumerate(task.examples)]

@@ -17,6 +17,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Ray Train, for every run in the tests (in this process and in the CLI subprocesses, which
+# inherit os.environ; the driver passes these to the run's controller): the controller polls
+# its workers every 2 s by default, and each poll gates a step of a run (the worker group's
+# start, a reported checkpoint, the end): a run of a few steps idled for seconds. The
+# preemption watcher (one more actor process per run) watches for cloud nodes being drained,
+# which a local cluster never is.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -109,6 +109,21 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           text=True, timeout=600, check=False, env=env)
 
 
+def cli_start(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """`cli` in the background; `cli_end` waits for it."""
+    return subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def cli_end(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def json_stdout(res: subprocess.CompletedProcess) -> dict:
     assert res.returncode == 0, res.stderr[-3000:]
     try:
@@ -121,7 +136,9 @@ def json_stdout(res: subprocess.CompletedProcess) -> dict:
 def test_every_stage_verb_prints_only_json_with_json(ray_cluster, tmp_path):
     """`run --json` builds the tiny project's artifacts; index, retrieve, transform and
     distill then resume on them (their outputs are complete), train and eval run for real.
-    The CLI processes join the session's Ray (RAY_ADDRESS) instead of starting their own."""
+    The CLI processes join the session's Ray (RAY_ADDRESS) instead of starting their own;
+    distill's resume (it reads the run's artifacts, writes its own folder) runs beside train,
+    and the final `run` beside eval (which writes only its own folder)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     art = tmp_path / "artifacts"
@@ -155,18 +172,20 @@ def test_every_stage_verb_prints_only_json_with_json(ray_cluster, tmp_path):
             "transform", task, "--hits", str(art / "retrieve"), "--teacher", teacher.url,
             "--out", str(art / "transform"), "--config", str(pipeline), "--json", env=env))
         assert transformed["processed_this_run"] == 0
+        distilling = cli_start("distill", str(pipeline), "--teacher", teacher.url, "--json",
+                               env=env)
         trained = json_stdout(cli("train", str(art / "transform"), "--task", task, "--out",
                                   str(tmp_path / "train"), "--config", str(pipeline),
                                   "--max-steps", "1", "--json", env=env))
         assert trained["steps"] == 1
         assert (tmp_path / "train" / "logs" / "rebase-ray.log").exists()
-        evaluated = json_stdout(cli("eval", task, "--adapter", trained["adapter"], "--config",
-                                    str(pipeline), "--out", str(tmp_path / "eval"), "--json",
-                                    env=env))
-        assert evaluated["n"] == 4
-        json_stdout(cli("distill", str(pipeline), "--teacher", teacher.url, "--json", env=env))
+        evaluating = cli_start("eval", task, "--adapter", trained["adapter"], "--config",
+                               str(pipeline), "--out", str(tmp_path / "eval"), "--json", env=env)
+        json_stdout(cli_end(distilling))
 
         again = cli("run", str(pipeline), env=env)  # every stage up to date: the tables
+        evaluated = json_stdout(cli_end(evaluating))
+        assert evaluated["n"] == 4
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipped (up to date)" in again.stdout
     assert len((again.stdout + again.stderr).splitlines()) < 150

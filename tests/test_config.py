@@ -125,6 +125,9 @@ def test_semantic_errors(tmp_path):
     no_data = validate({"task": "t.yaml"}, PipelineConfig, "pipeline.yaml")
     with pytest.raises(ConfigError, match="give `sources`"):
         no_data.require_data()
+    with pytest.raises(ConfigError, match=r"min_input_chars \(700\) is above"):
+        validate({"transform": {"reply": {"min_input_chars": 700}}}, PipelineConfig,
+                 "pipeline.yaml")
     with pytest.raises(ConfigError, match="empty"):
         load_task(write(tmp_path, "empty.yaml", ""))
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -1,22 +1,30 @@
 """The datastore build on real Ray, real FAISS and the moto S3 server: exact counts for every
 format, layout and checksums, rerun / incremental / resumed / forced builds (counting the work
-done), a killed embedding actor, a tampered index, and self-retrieval of cell vectors."""
+done), a build killed while embedding, a killed embedding actor, a tampered index, and
+self-retrieval of cell vectors."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_sources import CFG, EXPECTED, write_corpus
 from typer.testing import CliRunner
 
 from rebase_ray.cli import app
 from rebase_ray.config import SourceConfig
-from rebase_ray.datastore import ChecksumError, Datastore, build_datastore
+from rebase_ray.datastore import ChecksumError, Datastore, build, build_datastore
+from rebase_ray.datastore.build import staging_key
 from rebase_ray.datastore.embed import Embedder, column_vectors, embed_dataset
 from rebase_ray.datastore.index import with_datasets
 from rebase_ray.storage import StorageError, open_storage
@@ -131,6 +139,125 @@ def test_interrupted_build_resumes_finished_shards(built, tmp_path):
     resumed = build_datastore(sources, out, CFG)
     assert (resumed["shards_resumed"], resumed["shards_built"]) == (2, 0)
     assert resumed["cells_embedded"] == 0 and resumed["cells"] == TOTAL_CELLS
+
+
+# A build in another process, its embedder slowed to 0.5 s a batch so that the kill lands
+# mid-embedding whatever the machine's speed; the rest is the real build (MiniLM, Ray Data).
+KILLED_BUILD = """
+import json, sys, time
+import ray
+from rebase_ray.config import IndexConfig, SourceConfig
+from rebase_ray.datastore import build
+from rebase_ray.datastore.embed import Embedder, embed_dataset
+
+class Slow(Embedder):
+    def __call__(self, batch):
+        time.sleep(0.5)
+        return super().__call__(batch)
+
+ray.init(address=sys.argv[1], log_to_driver=False,
+         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+build.embed_dataset = lambda ds, cfg: embed_dataset(ds, cfg, Slow)
+build.build_datastore([SourceConfig(**s) for s in json.loads(sys.argv[2])], sys.argv[3],
+                      IndexConfig.model_validate_json(sys.argv[4]))
+"""
+
+
+def staged_cells(out: str) -> int:
+    """Cells in the complete staged pieces of `out` (a piece being written has no footer)."""
+    n = 0
+    for path in glob.glob(os.path.join(out, "_staging", "*", "shard=[0-9]*", "*.parquet")):
+        try:
+            n += pq.read_metadata(path).num_rows
+        except (OSError, ValueError):
+            pass
+    return n
+
+
+@pytest.mark.slow
+def test_build_killed_while_embedding_embeds_only_the_missing_cells(built, tmp_path):
+    import ray
+
+    sources, clean_out, _ = built
+    out = str(tmp_path / "store")
+    # pieces of 3 cells or fewer (9+ pieces; batch_size too, else a batch spans pieces)
+    cfg = CFG.model_copy(update={"piece_cells": 3, "batch_size": 3})
+    args = [ray.get_runtime_context().gcs_address,
+            json.dumps([s.model_dump(mode="json") for s in sources]), out,
+            cfg.model_dump_json()]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while staged_cells(out) < 6:  # two pieces or more: then SIGKILL
+            assert proc.poll() is None, f"the build ended before it was killed: {proc.stderr.read()}"
+            assert time.time() < deadline, "no embedded piece was staged in time"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Ray ends the dead driver's embedding actor and tasks; wait for their CPUs to be back so
+    # that no late piece lands while the rerun reads the staging folder
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.time() < deadline, "the killed build's workers hold their CPUs"
+        time.sleep(0.2)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    pieces = sorted(glob.glob(os.path.join(out, "_staging", "*", "shard=[0-9]*", "*.parquet")))
+    assert staged_cells(out) >= 6 and len(pieces) >= 2
+    cut = pieces[0]  # as if the kill had landed while this piece was written
+    with open(cut, "r+b") as fh:
+        fh.truncate(os.path.getsize(cut) // 2)
+    on_disk = staged_cells(out)
+    assert 3 <= on_disk < TOTAL_CELLS
+
+    resumed = build_datastore(sources, out, CFG)
+    assert resumed["cells_reused"] == on_disk  # every complete piece, nothing else
+    assert resumed["cells_embedded"] == TOTAL_CELLS - on_disk
+    assert (resumed["cells"], resumed["shards_built"]) == (TOTAL_CELLS, 2)
+    assert not os.path.exists(os.path.join(out, "_staging"))
+
+    clean, ds = Datastore.open(clean_out), Datastore.open(out)
+    assert ds.num_shards == clean.num_shards == 2
+    names = ["name", "description", "rows", "cells"]
+    assert ds.sources().select(names).equals(clean.sources().select(names))
+    np.testing.assert_allclose(ds.sources()["vector"].to_pylist(),
+                               clean.sources()["vector"].to_pylist(), atol=1e-5)
+    queries = clean.embed(["what is the capital", "alpha beta", "a story about money"])
+    instruction = clean.embed(["Answer the question"])[0]
+    for i in range(2):
+        cells = ds.load_cells(i)
+        assert cells.equals(clean.load_cells(i))  # same cells in the same (FAISS id) order
+        np.testing.assert_allclose(ds.load_vectors(i), clean.load_vectors(i), atol=1e-5)
+        results = []
+        for store in (ds, clean):  # [query ‖ basisᵀ·instruction], as the retriever searches
+            basis = store.load_basis(i)
+            view = with_datasets(queries, np.tile(instruction @ basis, (len(queries), 1)))
+            scores, ids = store.load_index(i).search(view, 5)
+            results.append((scores, [cells["value"].take(r).to_pylist() for r in ids]))
+        np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5)
+        assert results[0][1] == results[1][1]
+
+
+def test_staged_embeddings_are_kept_only_for_what_they_depend_on(tmp_path):
+    """The staging key changes with the embedding config, the sources and the shard layout,
+    not with the index or the resources; a rerun deletes the staging of any other key."""
+    key = staging_key(CFG, ["a", "b"], 0, 2)
+    same = CFG.model_copy(update={"index": "hnsw", "dataset_dims": 0, "batch_size": 1,
+                                  "num_actors": 3, "piece_cells": 7, "shards": 5})
+    assert staging_key(same, ["b", "a"], 0, 2) == key
+    others = [staging_key(CFG.model_copy(update={"embedder": "bundled:other"}), ["a", "b"], 0, 2),
+              staging_key(CFG.model_copy(update={"max_value_chars": 9}), ["a", "b"], 0, 2),
+              staging_key(CFG, ["a", "c"], 0, 2), staging_key(CFG, ["a", "b"], 1, 2),
+              staging_key(CFG, ["a", "b"], 0, 3)]
+    assert key not in others and len(set(others)) == len(others)
+    st, out = open_storage(str(tmp_path))
+    for k in (key, others[0]):
+        st.write_bytes(st.join(out, "_staging", k, "shard=0", "piece.parquet"), b"x")
+    assert build._staging(st, out, key, force=False) == st.join(out, "_staging", key)
+    assert os.listdir(tmp_path / "_staging") == [key]
+    build._staging(st, out, key, force=True)
+    assert os.listdir(tmp_path / "_staging") == []
 
 
 def flip_last_byte(path: str) -> None:

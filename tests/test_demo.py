@@ -37,11 +37,23 @@ def reduced_demo(folder):
     return pipe
 
 
+@pytest.fixture()
+def session_ray(ray_cluster):
+    """The session's Ray for the demo's process to join (RAY_ADDRESS): starting a Ray of its
+    own is covered by test_runtime. The demo starts Serve there for its teacher (on a free
+    port) and deletes only its app: Serve itself is shut down here, so that the next module's
+    `serve_port` starts it on its own port."""
+    yield ray_cluster.get_runtime_context().gcs_address
+    from ray import serve
+
+    serve.shutdown()
+
+
 @pytest.mark.slow
-def test_reduced_demo_compares_four_students_on_a_short_console(tmp_path):
+def test_reduced_demo_compares_four_students_on_a_short_console(tmp_path, session_ray):
     pipe = reduced_demo(tmp_path)
     assert pipe["evaluate"]["baselines"] == ["fewshot", "synthetic"]
-    env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "RAY_ADDRESS": session_ray, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "rebase_ray.cli", "demo", "--dir",
                            str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900, check=False)

@@ -171,7 +171,9 @@ def test_head_tail_switching_and_synthesis(replay_run):
     # c's pool example has a disagreeing rationale: dropped, but its call is spent
     assert (one["c"]["kept"], one["c"]["dropped"]) == (1, 1)
     assert s["stages"][0]["kept"] == 5 and s["stages"][1]["kept"] == 6
-    assert s["stages"][1]["examples"] == 11  # stage 2 trains on everything gathered so far
+    # stage 2 trains on everything gathered so far, and on the task's one few-shot example
+    assert s["task_examples"] == 1
+    assert [r["examples"] for r in s["stages"]] == [6, 12]
 
     st, out = open_storage(replay_run["out"])
     c1 = st.read_parquet(st.join(out, "stage-1", "calls.parquet")).to_pandas()
@@ -189,7 +191,11 @@ def test_head_tail_switching_and_synthesis(replay_run):
         assert g["selected"].sum() == 2
         assert g.loc[g["selected"], "ifd"].min() >= g.loc[~g["selected"], "ifd"].max()
     examples = st.read_parquet(st.join(out, "stage-2", "examples.parquet")).to_pandas()
-    assert (examples["rationale"] != "").all() and set(examples["output"]) <= {"pos", "neg"}
+    fewshot = examples[examples["origin"] == "task"]
+    assert fewshot[["input", "output", "stage"]].values.tolist() == [
+        ["I loved every minute of it.", "pos", 0]]
+    distilled = examples[examples["origin"] != "task"]
+    assert (distilled["rationale"] != "").all() and set(distilled["output"]) <= {"pos", "neg"}
 
 
 def test_budget_is_spent_exactly_and_never_exceeded(replay_run):
@@ -232,7 +238,8 @@ def test_budget_and_resume_on_the_real_serve_teacher(ray_cluster, serve_port, tm
 
     cfg = TeacherConfig(model=TINY, max_batch_size=8,
                         serve=ServeConfig(port=serve_port, num_cpus=0.5, route_prefix="/distill"))
-    distill_cfg, train_cfg, eval_cfg = configs(stages=2, budget=5, reply={"structured": False})
+    distill_cfg, train_cfg, eval_cfg = configs(stages=2, budget=5, reply={"structured": False},
+                                               task_examples=False)
     out = str(tmp_path / "out")
     st, out = open_storage(out)
     with local_teacher(cfg, name="teacher-distill") as url:
@@ -311,5 +318,6 @@ def test_label_domains_synthesize_their_own_label_and_reuse_pool_rationales(ray_
         assert "Its output must be: neg" in body["messages"][-1]["content"]
     st, out = open_storage(summary["out"])
     examples = st.read_parquet(st.join(out, "stage-1", "examples.parquet")).to_pandas()
+    examples = examples[examples["origin"] != "task"]
     assert sorted(examples["output"]) == ["neg", "neg", "pos", "pos"]
     assert (examples["rationale"] != "").all()

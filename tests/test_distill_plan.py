@@ -9,9 +9,15 @@ import pytest
 
 from rebase_ray.config import ConfigError, DistillConfig
 from rebase_ray.distill.domains import assign_domains, gini, long_tail_stats
-from rebase_ray.distill.planner import largest_remainder, plan, stage_budgets, stage_quotas
+from rebase_ray.distill.planner import largest_remainder, stage_budgets, stage_quotas
 
 SIZES = {"a": 60, "b": 30, "c": 10}  # a long tail: 60 / 30 / 10
+
+
+def all_quotas(mode, budget, stages, sizes):
+    """Every stage's quotas, as the distill stage writes them to plan.json."""
+    return [stage_quotas(mode, i + 1, stages, b, sizes)
+            for i, b in enumerate(stage_budgets(budget, stages))]
 
 
 def test_stage_budgets_split_the_total():
@@ -22,14 +28,14 @@ def test_stage_budgets_split_the_total():
 
 def test_random_mode_is_proportional():
     # 10 per stage, shares 0.6 / 0.3 / 0.1
-    assert plan("random", 30, 3, SIZES) == [{"a": 6, "b": 3, "c": 1}] * 3
+    assert all_quotas("random", 30, 3, SIZES) == [{"a": 6, "b": 3, "c": 1}] * 3
     # 7 per stage: 4.2 / 2.1 / 0.7 → floors 4, 2, 0; the one left goes to c (largest .7)
     assert stage_quotas("random", 1, 1, 7, SIZES) == {"a": 4, "b": 2, "c": 1}
 
 
 def test_balanced_mode_is_even():
     # 10 / 3 = 3.33 each: one unit left, tie on the remainder → the smallest domain
-    assert plan("balanced", 30, 3, SIZES) == [{"a": 3, "b": 3, "c": 4}] * 3
+    assert all_quotas("balanced", 30, 3, SIZES) == [{"a": 3, "b": 3, "c": 4}] * 3
     assert stage_quotas("balanced", 2, 2, 12, SIZES) == {"a": 4, "b": 4, "c": 4}
 
 
@@ -38,7 +44,7 @@ def test_adaptive_mode_moves_from_proportional_to_balanced():
     # i=1: 1.111 + (4, 2, 0.667) = 5.111, 3.111, 1.778 → 5, 3, 1 + 1 to c
     # i=2: 2.222 + (2, 1, 0.333) = 4.222, 3.222, 2.556 → 4, 3, 2 + 1 to c
     # i=3: 3.333 each → 3, 3, 3 + 1 to c (tie → smallest)
-    assert plan("adaptive", 30, 3, SIZES) == [{"a": 5, "b": 3, "c": 2},
+    assert all_quotas("adaptive", 30, 3, SIZES) == [{"a": 5, "b": 3, "c": 2},
                                               {"a": 4, "b": 3, "c": 3},
                                               {"a": 3, "b": 3, "c": 4}]
 
@@ -49,7 +55,7 @@ def test_quotas_are_integers_that_sum_to_the_stage_budget(mode):
     for _ in range(200):
         sizes = {f"d{i}": rng.randint(1, 2000) for i in range(rng.randint(1, 12))}
         budget, stages = rng.randint(1, 500), rng.randint(1, 5)
-        quotas = plan(mode, budget, stages, sizes)
+        quotas = all_quotas(mode, budget, stages, sizes)
         assert [sum(q.values()) for q in quotas] == stage_budgets(budget, stages)
         assert sum(sum(q.values()) for q in quotas) == budget
         assert all(isinstance(v, int) and v >= 0 for q in quotas for v in q.values())

@@ -14,14 +14,13 @@ from rebase_ray.evaluate import comparison_rows, evaluate, metric_rows
 from rebase_ray.evaluate.code_exec import run_tests
 from rebase_ray.evaluate.metrics import (
     aggregate,
-    flexible_score,
     length_normalized,
     ranked_scores,
     squad_scores,
     strict_score,
 )
 from rebase_ray.evaluate.run import score
-from rebase_ray.formats import strict_answer
+from rebase_ray.formats import flexible_score, strict_answer
 from rebase_ray.models import TINY
 
 LETTERS = ["A", "B", "C", "D"]
@@ -182,11 +181,18 @@ def yn_runs(ray_cluster, s3_server, tmp_path_factory):
     Storage.for_uri(adapter).upload_dir(str(tmp / "adapter"), adapter)
     other = str(tmp / "other")
     cfg = EvaluateConfig(batch_size=2, max_new_tokens=4, num_cpus_per_actor=0.5)
-    return {"adapter": evaluate(YN, YN_RECORDS, TINY, adapter, cfg),
-            "alone": evaluate(YN, YN_RECORDS, TINY, None, cfg),
-            "other": evaluate(YN, YN_RECORDS, TINY, other, cfg),
-            "with_baseline": evaluate(YN, YN_RECORDS, TINY, adapter, cfg,
-                                      baselines={"fewshot": other})}
+    # four independent evaluations, each its own Ray Data actor pool (one 0.5-CPU actor): run
+    # side by side, they fit the 2 CPUs together and their start-ups (a process importing
+    # torch and loading the model, single-threaded) overlap
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = {"adapter": pool.submit(evaluate, YN, YN_RECORDS, TINY, adapter, cfg),
+                "alone": pool.submit(evaluate, YN, YN_RECORDS, TINY, None, cfg),
+                "other": pool.submit(evaluate, YN, YN_RECORDS, TINY, other, cfg),
+                "with_baseline": pool.submit(evaluate, YN, YN_RECORDS, TINY, adapter, cfg,
+                                             baselines={"fewshot": other})}
+        return {name: run.result() for name, run in runs.items()}
 
 
 @pytest.mark.slow

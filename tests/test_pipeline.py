@@ -56,7 +56,10 @@ def write_project(tmp_path, teacher_url=None, stages=1, baselines=()):
         "retrieve": {"top_n": 8},
         "teacher": {"model": "bundled:tiny-random-llama", "url": teacher_url},
         "transform": {"concurrency": 4, "max_tokens": 32},
-        "distill": {"stages": stages, "budget": 4, "mode": "balanced", "domain_from": "label"},
+        # no per-stage evaluation (test_distill covers it): the evaluate stage scores the
+        # final student, as in the demo
+        "distill": {"stages": stages, "budget": 4, "mode": "balanced", "domain_from": "label",
+                    "evaluate_stages": False},
         "train": {"model": "bundled:tiny-random-llama", "max_steps": 2, "batch_size": 2,
                   "max_seq_len": 128, "checkpoint_every": 2},
         "evaluate": {"max_new_tokens": 4, "baselines": list(baselines)},
@@ -88,7 +91,10 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
     with ReplayTeacher(replay) as teacher:
         path = write_project(tmp_path, teacher_url=teacher.url,
                              baselines=("fewshot", "synthetic"))
-        env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"}
+        # the run joins the session's Ray (a process starting its own: test_runtime): the kill
+        # ends the run's process group, and Ray then ends the job of the killed driver
+        env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+               "HF_HUB_OFFLINE": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", "run", str(path)],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -188,8 +194,11 @@ def ray_head():
          f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
          f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}"],
         # a loopback-only head for the test: Ray's token auth off, as for a local dev cluster
-        # and this virtualenv's python first on PATH, as it would be in a cluster's image
+        # and this virtualenv's python first on PATH, as it would be in a cluster's image;
+        # on SIGTERM the head stops at once: by default it first drains the node for up to
+        # 30 s (for Serve behind a load balancer; the finished job's workers held it that long)
         env={**os.environ, "RAY_AUTH_MODE": "disabled",
+             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
              "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -217,8 +226,8 @@ def test_submit_index_job_to_a_real_head(ray_head, tmp_path):
         except Exception:
             if time.time() > deadline:
                 raise
-            time.sleep(3)
-    final = submit.wait(address, job_id, timeout_s=400)
+            time.sleep(0.5)
+    final = submit.wait(address, job_id, timeout_s=400, poll_s=0.5)
     logs = submit.logs(address, job_id)
     assert final["status"] == "SUCCEEDED", logs[-3000:]
     assert '"stage": "index"' in logs and '"status": "done"' in logs  # the job's summary

@@ -17,9 +17,10 @@ from rebase_ray.cli import app
 from rebase_ray.config import ConfigError, TeacherConfig
 from rebase_ray.generation import Constraint
 from rebase_ray.models import TINY
+from rebase_ray.serve.vllm_app import VLLMUnavailable, build_vllm_app, llm_config
 from rebase_ray.storage import Storage
-from rebase_ray.teacher.backends import OutputFormat, SamplingParams, TransformersBackend
-from rebase_ray.teacher.vllm_backend import VLLMUnavailable, build_vllm_app, llm_config
+from rebase_ray.teacher.backends import TransformersBackend
+from rebase_ray.teacher.types import OutputFormat, SamplingParams
 
 CONVS = [[{"role": "user", "content": "Name a colour."}],
          [{"role": "system", "content": "Be brief."},

@@ -19,9 +19,9 @@ from rebase_ray.config import TeacherConfig
 from rebase_ray.generation import Constraint
 from rebase_ray.models import SMOLLM2, TINY
 from rebase_ray.serve.teacher import local_teacher
-from rebase_ray.teacher.backends import OutputFormat, SamplingParams
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
 from rebase_ray.teacher.openai_backend import OpenAIBackend
+from rebase_ray.teacher.types import OutputFormat, SamplingParams
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Say hello."}]

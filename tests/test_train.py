@@ -80,7 +80,10 @@ def test_two_workers_on_s3_survive_a_killed_worker(ray_cluster, s3_bucket, tmp_p
     def kill_once(step: int, rank: int) -> None:
         if step == 6 and rank == 1 and not os.path.exists(marker):
             Path(marker).write_text("x")
-            time.sleep(3)  # the controller registers reported checkpoints when it polls (2 s)
+            # the controller registers reported checkpoints when it polls the workers, every
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default; 0.25 s here: conftest)
+            poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+            time.sleep(max(1.0, 1.5 * poll_s))
             os._exit(1)
 
     out = f"{s3_bucket}/run"
@@ -109,17 +112,48 @@ def test_two_workers_on_s3_survive_a_killed_worker(ray_cluster, s3_bucket, tmp_p
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("budget, value, check", [
+BUDGETS = [
     ("max_tokens", 300, lambda s: s["tokens"] >= 300 and s["steps"] < 12),
     ("max_examples", 6, lambda s: s["examples"] == 6 and s["steps"] == 3),
     ("max_wall_s", 0.01, lambda s: s["steps"] == 1),
     # 8 rows with a rationale are 16 sequences (multitask): 8 steps an epoch at batch 2
     ("epochs", 0.5, lambda s: s["steps"] == 4 and s["sequences"] == 16),
-])
-def test_each_budget_stops_training(ray_cluster, tmp_path, budget, value, check):
-    cfg = tiny(num_workers=1, max_steps=12, cpus_per_worker=1, **{budget: value})
-    summary = train_student(examples_table(), TASK, cfg, str(tmp_path / "run"))
+]
+
+
+@pytest.fixture(scope="module")
+def budget_runs(request, ray_cluster, tmp_path_factory) -> dict:
+    """{budget: the summary (or the error) of a run stopped by that budget}, for the budgets
+    of the tests selected. The runs go side by side, one worker of half a CPU each (all four
+    fit the 2 CPUs): a run of a few steps is mostly the start-up of its processes (controller,
+    worker: one core each, importing torch), which overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray.train.torch  # noqa: F401 - imported once here, not by four threads at a time
+
+    load_tokenizer(TINY)  # likewise transformers' lazy attributes (not thread-safe)
+    wanted = {item.callspec.params["budget"] for item in request.session.items
+              if getattr(item, "originalname", None) == "test_each_budget_stops_training"}
+
+    def run(budget: str, value: float) -> dict | Exception:
+        cfg = tiny(num_workers=1, max_steps=12, **{budget: value})
+        try:
+            return train_student(examples_table(), TASK, cfg,
+                                 str(tmp_path_factory.mktemp(budget) / "run"))
+        except Exception as e:  # noqa: BLE001 - the test of that budget raises it
+            return e
+
+    with ThreadPoolExecutor(len(BUDGETS)) as pool:
+        runs = {b: pool.submit(run, b, v) for b, v, _ in BUDGETS if b in wanted}
+        return {b: f.result() for b, f in runs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget, value, check", BUDGETS)
+def test_each_budget_stops_training(budget_runs, budget, value, check):
+    summary = budget_runs[budget]
+    if isinstance(summary, Exception):
+        raise summary
     assert summary["stop_reason"] == budget
     assert check(summary), summary
 

@@ -32,6 +32,8 @@ REPLIES = {
     "r-chatter": "Input: something\nOutput: sport",
     "r-label": '{"input": "The weather will be sunny tomorrow.", "output": "weather"}',
     "r-copy": '{"input": "Chelsea win the league after a 2-0 victory.", "output": "sport"}',
+    "r-nearcopy": '{"input": "Chelsea win the league after a 2-0 victory, again!", '
+                  '"output": "sport"}',
     "r-dup": '{"input": "Shares in the bank rose five percent after strong results!", '
              '"output": "business"}',
     "r-contam": json.dumps({"input": "News: " + EVAL_TEXT, "output": "business"}),
@@ -41,7 +43,7 @@ REPLIES = {
 }
 # the label check: what the teacher answers when asked to label a generated input
 CLASSIFY = {"bank": "business", "phone": "tech", "minister": "politics", "striker": "sport",
-            "profits": "business"}
+            "profits": "business", "victory": "sport"}
 
 
 def replay_answer(prompt: str):
@@ -99,24 +101,25 @@ def test_every_hit_ends_once_with_exact_reasons(ray_cluster, tmp_path, task_with
     marker = {f"src/default/train/{i}": m for i, m in enumerate(REPLIES, 1)}
     assert {marker[k]: r for k, r in zip(rej["row_key"], rej["reason"])} == {
         "r-chatter": "unparseable", "r-label": "label_not_in_set", "r-copy": "copy_of_fewshot",
-        "r-dup": "duplicate", "r-contam": "contaminated", "r-empty": "empty",
+        "r-nearcopy": "near_duplicate", "r-dup": "duplicate", "r-contam": "contaminated", "r-empty": "empty",
         "r-mislabel": "label_unconfirmed", "r-error": "teacher_error"}
-    assert s["counts"] == {"retrieved": 11, "kept": 3, "rejected": 8, "yield": 0.2727}
+    assert s["counts"] == {"retrieved": 12, "kept": 3, "rejected": 9, "yield": 0.25}
     assert s["rejects_by_reason"]["duplicate"] == 1
     # every transformation asked for the task's schema; label checks for the set of labels
     sent = teacher.chat_requests()
     rows = [r for r in sent if "<record>" in r["messages"][-1]["content"]]
-    assert len(rows) == 11 + 3  # r-error's request is retried 3 times by the client
+    assert len(rows) == 12 + 3  # r-error's request is retried 3 times by the client
     schemas = [r["response_format"]["json_schema"]["schema"] for r in rows]
     assert all(sch["properties"]["output"]["enum"] == TASK.labels for sch in schemas)
     checks = [r for r in sent if "structured_outputs" in r]
     assert all(r["structured_outputs"] == {"choice": TASK.labels} for r in checks)
-    assert len(checks) == 5  # the 4 examples that passed the filters, and the duplicate
-    assert s["teacher"]["requests"] == 16
+    # the 4 examples that passed the filters, the duplicate and the near copy of a few-shot one
+    assert len(checks) == 6
+    assert s["teacher"]["requests"] == 18
     assert set(ex.columns) >= {"example_id", "row_key", "dataset", "domain", "input", "output",
                                "rationale", "teacher", "prompt_version", "flags"}
     card = st.read_text(st.join(out, "README.md"))
-    assert "| src | 11 | 3 | chat logs | CC BY 4.0 |" in card
+    assert "| src | 12 | 3 | chat logs | CC BY 4.0 |" in card
     st.verify(out)
 
 
@@ -210,8 +213,8 @@ def test_injection_row_stays_inside_its_record(ray_cluster, tmp_path):
 
 def test_real_serve_teacher_tiny_model(ray_cluster, serve_port, tmp_path):
     """The real path: Ray Data → our Ray Serve teacher (tiny random model) over HTTP. Its
-    replies are noise constrained to the task's schema: every reply not cut by max_tokens is
-    valid JSON of that schema, and every row ends exactly once."""
+    replies are noise constrained to the task's schema (input 12 to 60 characters): every reply
+    not cut by max_tokens is valid JSON of that schema, and every row ends exactly once."""
     import jsonschema
 
     from rebase_ray.config import ServeConfig, TeacherConfig
@@ -222,7 +225,7 @@ def test_real_serve_teacher_tiny_model(ray_cluster, serve_port, tmp_path):
     cfg = TeacherConfig(model="bundled:tiny-random-llama",
                         serve=ServeConfig(port=serve_port, num_cpus=0.5))
     with local_teacher(cfg) as url:
-        cfg = TransformConfig(max_tokens=96, reply={"max_input_chars": 60})
+        cfg = TransformConfig(max_tokens=96, reply={"min_input_chars": 12, "max_input_chars": 60})
         s = transform(TASK, hits, url, str(tmp_path / "out"), cfg)
     assert s["counts"]["kept"] + s["counts"]["rejected"] == 4
     assert s["teacher"]["requests"] >= 4 and s["teacher"]["completion_tokens"] > 0
@@ -231,7 +234,8 @@ def test_real_serve_teacher_tiny_model(ray_cluster, serve_port, tmp_path):
     assert "unparseable" not in set(rej["reason"])
     assert pd.notna(rej["reply"]).all()
     schema = example_schema(TASK, 60, cfg.reply.max_answer_chars, cfg.reply.max_rationale_chars,
-                            rationale=TASK.cot == "fewshot")
+                            rationale=TASK.cot == "fewshot", min_input_chars=12)
+    assert schema["properties"]["input"]["minLength"] == 12
     replies = [r for r, reason in zip(rej["reply"], rej["reason"]) if reason != "truncated"]
     assert len(replies) + s["counts"]["kept"] > 0  # the schema keeps replies short: not all cut
     for reply in replies:

@@ -71,6 +71,12 @@ def test_empty_overlong_fewshot_copy():
         "copy_of_fewshot")
 
 
+def test_too_short_input():
+    ctx = FilterContext(TOPIC, min_input_chars=20)
+    assert check(ex("business", "business"), ctx) == "too_short"
+    assert check(ex("Shares in the bank rose 5%.", "business"), ctx) is None
+
+
 def test_span_filter():
     ctx = FilterContext(SPAN)
     ok = ex("Context: Paris is the capital of France. Question: Capital?", "Paris", SPAN)

@@ -25,14 +25,9 @@ import pyarrow as pa
 
 from rebase_ray.config import S3Config, TaskConfig, TrainConfig, TransformConfig
 from rebase_ray.storage import open_storage
+from rebase_ray.tasks import fewshot_rows
 
 SUMMARY = "baselines.json"
-
-
-def fewshot_examples(task: TaskConfig) -> pa.Table:
-    return pa.Table.from_pylist([{"example_id": f"fewshot-{i}", "input": e.input,
-                                  "output": e.output, "rationale": ""}
-                                 for i, e in enumerate(task.examples)])
 
 
 def synthetic_hits(task: TaskConfig, n: int) -> pa.Table:
@@ -60,7 +55,7 @@ def run(task: TaskConfig, out: str, baselines: list[str], train: TrainConfig,
         folder = st.join(out, name)
         row: dict[str, Any] = {"baseline": name}
         if name == "fewshot":
-            examples = fewshot_examples(task)
+            examples = pa.Table.from_pylist(fewshot_rows(task))
             st.write_parquet(st.join(folder, "examples.parquet"), examples)
         else:
             if teacher_url is None:

@@ -6,7 +6,11 @@
    of the group's shards by the hash of its row key (a row never spans shards).
 3. Cells of shards not finished yet (a crashed run leaves finished shards with their
    `shard.json`) and the sources' descriptions are embedded by an actor pool and staged as
-   Parquet partitioned by shard.
+   Parquet partitioned by shard, one file per embedded block and shard as each block
+   finishes. The staging folder is keyed by what the embeddings depend on (`staging_key`), so
+   a rerun of a build that died while embedding reads the pieces already there (a piece cut
+   short by the kill has no Parquet footer and is deleted) and embeds only the cells and
+   descriptions that are missing.
 4. One Ray task per shard sorts its cells, writes cells.parquet, vectors.npy, basis.npy (the
    basis of its sources' descriptions) and index.faiss (dataset-aware: see
    `datastore.index`) and their checksums.
@@ -19,11 +23,13 @@ import io
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from rebase_ray.config import IndexConfig, S3Config, SourceConfig, config_hash
@@ -53,6 +59,7 @@ SOURCES_SCHEMA = pa.schema([("name", pa.string()), ("description", pa.string()),
                             ("license", pa.string()), ("rows", pa.int64()),
                             ("cells", pa.int64())])
 DESCRIPTIONS = -1  # the staging partition that carries the source descriptions
+STAGING = "_staging"
 SORT = [("dataset", "ascending"), ("row_idx", "ascending"), ("column", "ascending")]
 
 
@@ -61,16 +68,34 @@ def shard_name(i: int) -> str:
 
 
 class AssignShard:
-    """Ray Data batch function: a `shard` column from the row key; drops finished shards."""
+    """Ray Data batch function: a `shard` column from the row key; drops the cells of finished
+    shards and those already embedded (`embedded`: sorted `cell_numbers` of staged cells)."""
 
-    def __init__(self, base: int, count: int, finished: set[int]):
+    def __init__(self, base: int, count: int, finished: set[int],
+                 embedded: np.ndarray | None = None):
         self.base, self.count, self.finished = base, count, finished
+        self.embedded = embedded if embedded is not None else np.zeros(0, np.uint64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         shards = [self.base + row_hash(k) % self.count for k in batch["row_key"].to_pylist()]
         batch = batch.append_column("shard", pa.array(shards, pa.int64()))
-        keep = [s not in self.finished for s in shards]
-        return batch.filter(pa.array(keep)) if not all(keep) else batch
+        keep = np.array([s not in self.finished for s in shards], bool)
+        if len(self.embedded) and batch.num_rows:
+            ids = cell_numbers(batch["cell_id"].to_pylist())
+            at = np.minimum(np.searchsorted(self.embedded, ids), len(self.embedded) - 1)
+            keep &= self.embedded[at] != ids
+        return batch.filter(pa.array(keep)) if not keep.all() else batch
+
+
+def cell_numbers(cell_ids: list[str]) -> np.ndarray:
+    """Cell ids (16 hex digits) as uint64: a compact set of millions of staged cells."""
+    return np.frombuffer(bytes.fromhex("".join(cell_ids)), ">u8").astype(np.uint64)
+
+
+def staging_key(cfg: IndexConfig, fingerprints: list[str], base: int, count: int) -> str:
+    """What staged embeddings depend on: the embedding config (`IndexConfig.embed_hash`), the
+    sources' fingerprints (which cells, their text) and the shard layout (their partition)."""
+    return config_hash(cfg.embed_hash(), sorted(fingerprints), base, count)
 
 
 def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
@@ -88,8 +113,8 @@ def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
     prints = {s.name: fingerprint(s, files[s.name]) for s in sources}
     kept_shards, kept_sources = _intact(st, out, old, prints)
     todo = [s for s in sources if s.name not in kept_sources]
-    work = {"cells_embedded": 0, "descriptions_embedded": 0, "shards_built": 0,
-            "shards_resumed": 0, "shards_kept": len(kept_shards)}
+    work = {"cells_embedded": 0, "cells_reused": 0, "descriptions_embedded": 0,
+            "shards_built": 0, "shards_resumed": 0, "shards_kept": len(kept_shards)}
 
     shards = list(kept_shards)
     source_rows = _old_table(st, out, old, "sources.parquet", SOURCES_SCHEMA, kept_sources,
@@ -108,23 +133,38 @@ def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
             entry = _finished_shard(st, out, i, group, count)
             if entry is not None:
                 finished[i] = entry
-        staging = st.join(out, "_staging", group)
-        st.delete(staging, recursive=True)
-        to_embed = read.cells.map_batches(AssignShard(base, count, set(finished)),
-                                          batch_format="pyarrow")
-        to_embed = to_embed.union(_descriptions(todo, read.descriptions))
-        embed_dataset(to_embed, cfg).write_parquet(
-            st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
+        todo_ids = [i for i in range(base, base + count) if i not in finished]
+        staging = _staging(st, out, staging_key(cfg, [prints[s.name] for s in todo], base,
+                                                count), force)
+        staged = _staged_pieces(st, staging, set(todo_ids))
+        missing = total - sum(e["cells"] for e in finished.values()) - len(staged.cells)
+        undescribed = [s for s in todo if s.name not in staged.described]
+        parts = []
+        if missing > 0:  # in pieces of piece_cells (a streaming split, not a pass of its own)
+            parts.append(read.cells.map_batches(
+                AssignShard(base, count, set(finished), staged.cells), batch_format="pyarrow"
+            ).repartition(target_num_rows_per_block=cfg.piece_cells))
+        if undescribed:
+            parts.append(_descriptions(undescribed, read.descriptions))
+        if parts:  # one streaming pass: embedded blocks are written as they finish
+            to_embed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            embed_dataset(to_embed, cfg).write_parquet(
+                st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
+        new = _staged_pieces(st, staging, set(todo_ids), prior=staged)
         desc = _read_partition(st, staging, DESCRIPTIONS)
         dim = int(desc[VECTOR].type.list_size)
         described = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
-        todo_ids = [i for i in range(base, base + count) if i not in finished]
         built = _build_shards(st, out, s3, staging, todo_ids, count, group, dim, described,
                               cfg)
-        st.delete(staging, recursive=True)
+        indexed = sum(s["cells"] for s in [*finished.values(), *built])
+        if indexed != total:  # staged pieces that don't match the sources: never published
+            raise StorageError(f"{out}: the shards hold {indexed} cells, the sources give "
+                               f"{total}; rebuild with --force")
+        st.delete(st.join(out, STAGING), recursive=True)
         shards += sorted([*finished.values(), *built], key=lambda s: s["id"])
-        work["cells_embedded"] = sum(s["cells"] for s in built)
-        work["descriptions_embedded"] = desc.num_rows
+        work["cells_embedded"] = new.num_cells
+        work["cells_reused"] = len(staged.cells)
+        work["descriptions_embedded"] = len(new.described)
         work["shards_built"] = len(built)
         work["shards_resumed"] = len(finished)
         source_rows = pa.concat_tables([source_rows, _source_table(todo, read, described)])
@@ -208,6 +248,73 @@ def _remove_stale_shards(st: Storage, out: str, names: set[str]) -> None:
             st.delete(uri, recursive=True)
 
 
+# ----------------------------------------------------------------------------- staging
+
+
+def _staging(st: Storage, out: str, key: str, force: bool) -> str:
+    """This build's staging folder, `_staging/<key>`. Other keys' folders (a build of other
+    sources, shards or embedding config that died) can't serve this one and are deleted, as
+    is this key's on --force."""
+    root = st.join(out, STAGING)
+    staging = st.join(root, key)
+    for uri in st.ls(root):
+        if force or uri.rstrip("/").rsplit("/", 1)[-1] != key:
+            st.delete(uri, recursive=True)
+    return staging
+
+
+@dataclass
+class Staged:
+    """The complete pieces of a staging folder (for the shards asked about)."""
+
+    files: set[str] = field(default_factory=set)
+    cells: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))  # sorted
+    num_cells: int = 0
+    described: set[str] = field(default_factory=set)  # sources whose description is staged
+
+
+def _staged_pieces(st: Storage, staging: str, shards: set[int],
+                   prior: Staged | None = None) -> Staged:
+    """The staged pieces of `shards` and of the descriptions' partition.
+
+    Before embedding (`prior` None): the complete pieces, with their cells' ids. A piece is
+    complete when its Parquet footer reads and it has the vector column: Ray Data writes a
+    piece in one go, footer last, so one cut short by a kill has none; it is deleted and its
+    cells embedded again. After embedding: the pieces not in `prior` (this run's), counted
+    from their footers; here any unreadable piece is an error."""
+    found = Staged()
+    numbers = []
+    for folder in st.ls(staging, "shard=*"):
+        shard = int(folder.rstrip("/").rsplit("=", 1)[-1])
+        if shard != DESCRIPTIONS and shard not in shards:
+            continue
+        for uri in st.ls(folder, "*.parquet"):
+            if prior is not None and uri in prior.files:
+                continue
+            try:
+                with st.pa_fs.open_input_file(st.path(uri)) as fh:
+                    piece = pq.ParquetFile(fh)
+                    if VECTOR not in piece.schema_arrow.names:
+                        raise ValueError(f"staged piece {uri} has no {VECTOR} column")
+                    if shard == DESCRIPTIONS:
+                        column = piece.read(columns=["dataset"])["dataset"]
+                        found.described.update(column.to_pylist())
+                    else:
+                        found.num_cells += piece.metadata.num_rows
+                        if prior is None:
+                            column = piece.read(columns=["cell_id"])["cell_id"]
+                            numbers.append(cell_numbers(column.to_pylist()))
+            except ValueError:  # pa.ArrowInvalid too: no footer
+                if prior is not None:
+                    raise
+                st.delete(uri)
+                continue
+            found.files.add(uri)
+    if numbers:
+        found.cells = np.unique(np.concatenate(numbers))
+    return found
+
+
 # ----------------------------------------------------------------------------- build
 
 
@@ -268,6 +375,11 @@ def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int,
         rows = 0
     else:
         table = table.sort_by(SORT)
+        # a cell staged twice (a killed run's last write landing after its rerun read the
+        # staging folder) is kept once: its copies sit side by side in this order
+        ids = table["cell_id"].to_numpy(zero_copy_only=False)
+        if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
+            table = table.filter(pa.array(np.r_[True, ids[1:] != ids[:-1]]))
         cells = table.select(CELL_COLUMNS).cast(CELL_SCHEMA)
         vectors = column_vectors(table[VECTOR])
         rows = len(set(table["row_key"].to_pylist()))

@@ -63,8 +63,3 @@ def stage_quotas(mode: Mode, stage: int, stages: int, stage_budget: int,
         raise ValueError(f"unknown mode {mode!r}")
     return largest_remainder(shares, stage_budget, sizes)
 
-
-def plan(mode: Mode, budget: int, stages: int, sizes: dict[str, int]) -> list[dict[str, int]]:
-    """The quotas of every stage (a list of K {domain: quota})."""
-    return [stage_quotas(mode, i + 1, stages, b, sizes)
-            for i, b in enumerate(stage_budgets(budget, stages))]

@@ -44,20 +44,16 @@ from rebase_ray.config import (
 from rebase_ray.distill.domains import assign_domains, expected_domains, long_tail_stats
 from rebase_ray.distill.ifd import score_ifd
 from rebase_ray.distill.planner import stage_budgets, stage_quotas
+from rebase_ray.distill.prompts import SYNTHESIS_VERSION, synthesis_messages
 from rebase_ray.formats import student_target
 from rebase_ray.storage import Storage, open_storage
-from rebase_ray.tasks import load_eval_set
+from rebase_ray.tasks import fewshot_rows, load_eval_set
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
-from rebase_ray.teacher.prompts import (
-    RATIONALE_VERSION,
-    SYNTHESIS_VERSION,
-    rationale_messages,
-    synthesis_messages,
-)
 from rebase_ray.text import NgramIndex, normalize
 from rebase_ray.transform.filters import Deduplicator, FilterContext
 from rebase_ray.transform.judge import judge_example, judge_rationale
 from rebase_ray.transform.label_check import check_labels
+from rebase_ray.transform.prompts import RATIONALE_VERSION, rationale_messages
 from rebase_ray.transform.schema import reply_formats
 
 CALL_COLUMNS = ["stage", "domain", "role", "kind", "example_id", "status", "reason", "detail",
@@ -99,6 +95,15 @@ def clean_pool(pool: pd.DataFrame, cfg: DistillConfig) -> tuple[pd.DataFrame, pd
     pool, no_domain = assign_domains(pool[~empty & ~repeated], cfg)
     rejects = pd.concat(rejects + [no_domain], ignore_index=True)
     return pool, rejects
+
+
+def task_examples(task: TaskConfig, cfg: DistillConfig) -> pd.DataFrame:
+    """The task's few-shot examples as gathered examples (origin "task", stage 0, no teacher
+    call); their domain is their label when domains are labels, else "(task)"."""
+    rows = [{**r, "domain": r["output"].strip() if cfg.domain_from == "label" else "(task)",
+             "origin": "task", "stage": 0, "teacher": "", "prompt_version": ""}
+            for r in fewshot_rows(task)]
+    return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
 
 
 def _rng(seed: int, *parts: Any) -> np.random.Generator:
@@ -332,7 +337,7 @@ class Run:
         self.spent = 0
         eval_set = load_eval_set(task, s3)
         self.eval_records = eval_set.records
-        self.filters = FilterContext(task, cfg.max_output_chars,
+        self.filters = FilterContext(task, cfg.max_output_chars, cfg.reply.min_input_chars,
                                      NgramIndex([r["input"] for r in self.eval_records], n=13))
 
     def stage_dir(self, stage: int) -> str:
@@ -441,7 +446,8 @@ def distill(task: TaskConfig, examples: str | pa.Table, out: str, cfg: DistillCo
         st.write_parquet(st.join(run.out, "pool_rejects.parquet"),
                          pa.Table.from_pandas(rejects, preserve_index=False))
 
-    gathered = pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    gathered = (task_examples(task, cfg) if cfg.task_examples
+                else pd.DataFrame(columns=EXAMPLE_COLUMNS))
     used: set[str] = set()
     adapter: str | None = None
     stage_rows, domain_rows, metrics_by_stage, resumed = [], [], {}, []
@@ -542,6 +548,7 @@ def _summary(run: Run, plan: dict, rejects: pd.DataFrame, stage_rows: list[dict]
     return {
         "task": run.task.name, "mode": run.cfg.mode, "num_stages": run.cfg.stages,
         "budget": run.cfg.budget, "spent": run.spent, "remaining": run.cfg.budget - run.spent,
+        "task_examples": len(run.task.examples) if run.cfg.task_examples else 0,
         "pool": {"examples": len(run.pool), "rejected": len(rejects),
                  **{f"rejected_{k}": int(v) for k, v in rejects["reason"].value_counts().items()}},
         "long_tail": long_tail_stats(run.pool["domain"]),

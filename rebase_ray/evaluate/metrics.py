@@ -7,10 +7,11 @@ scores multiple choice, plus the generated answer beside it:
 - gen_strict: the generated final answer in exactly the trained format (`formats.strict_answer`)
   is the gold label, up to surrounding whitespace and case;
 - gen_flexible: the generated final answer (`formats.final_answer`) names the gold label
-  (`named_label`): it is the label, or a choice letter "B" / "(B)" / "B." / "B)" / "B:" at its
-  start followed by nothing or by the choice's text, or it names that one label as a whole word.
-  A one-letter label is never read from a word ("a good movie" is not choice A), and no
-  synonym, plural or other inflection maps to a label ("Sports" does not name "sport").
+  (`formats.flexible_score`, `formats.named_label`): it is the label, or a choice letter "B" /
+  "(B)" / "B." / "B)" / "B:" at its start followed by nothing or by the choice's text, or it
+  names that one label as a whole word. A one-letter label is never read from a word ("a good
+  movie" is not choice A), and no synonym, plural or other inflection maps to a label
+  ("Sports" does not name "sport").
 
 Other tasks:
 - exact match and token F1: the official SQuAD v1.1 evaluation script's definitions
@@ -27,6 +28,8 @@ import collections
 import re
 import string
 from collections.abc import Iterable
+
+from rebase_ray.formats import normalize_label
 
 # ----------------------------------------------------------------------------- SQuAD v1.1
 
@@ -72,36 +75,6 @@ def squad_scores(prediction: str, golds: str | list[str]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- labels
 
-# a choice letter at the start of an answer: "(B)", "B.", "B)" or "B:" followed by nothing or
-# by whitespace (and the choice's text), or the letter alone
-_CHOICE = re.compile(r"^(?:\(([a-z])\)|([a-z])[.):]|([a-z])$)(?:\s|$)", re.IGNORECASE)
-
-
-def normalize_label(text: str) -> str:
-    """Lower case, whitespace collapsed, surrounding punctuation removed."""
-    text = " ".join((text or "").lower().split())
-    return text.strip(string.punctuation + " ")
-
-
-def _is_letter(label: str) -> bool:
-    return len(label) == 1 and label.isalpha()
-
-
-def named_label(answer: str, labels: list[str]) -> str | None:
-    """The one label (as written in `labels`) that an answer names, else None."""
-    norm = {normalize_label(label): label for label in labels}
-    text = normalize_label(answer)
-    if text in norm:
-        return norm[text]
-    choice = _CHOICE.match((answer or "").strip())
-    letter = next(g for g in choice.groups() if g).lower() if choice else None
-    if letter in norm:
-        return norm[letter]
-    named = [label for n, label in norm.items()
-             if not _is_letter(n) and re.search(rf"\b{re.escape(n)}\b", text)]
-    return named[0] if len(named) == 1 else None
-
-
 def gold_index(gold: str, labels: list[str]) -> int:
     """The position of the gold answer in `labels` (case and surrounding punctuation aside)."""
     norm = [normalize_label(label) for label in labels]
@@ -109,12 +82,6 @@ def gold_index(gold: str, labels: list[str]) -> int:
         return norm.index(normalize_label(gold))
     except ValueError:
         raise ValueError(f"gold answer {gold!r} is not one of the labels {labels}") from None
-
-
-def flexible_score(answer: str, gold: str, labels: list[str]) -> float:
-    """1.0 when the answer names the gold label (`named_label`)."""
-    named = named_label(answer, labels)
-    return float(named is not None and normalize_label(named) == normalize_label(gold))
 
 
 def strict_score(answer: str, gold: str) -> float:

@@ -14,13 +14,12 @@ from rebase_ray.evaluate.infer import predict
 from rebase_ray.evaluate.metrics import (
     aggregate,
     argmax,
-    flexible_score,
     gold_index,
     ranked_scores,
     squad_scores,
     strict_score,
 )
-from rebase_ray.formats import extract_code, final_answer, strict_answer
+from rebase_ray.formats import extract_code, final_answer, flexible_score, strict_answer
 
 # the score keys of each task metric; the first is the primary one
 METRIC_KEYS = {"accuracy": ["acc", "acc_norm", "gen_strict", "gen_flexible"],

@@ -18,7 +18,7 @@ a schema feature the grammar engine cannot enforce is a 400 naming it. max_token
 handler) is dropped; either way its row stops generating (its cancel flag is polled after
 every token) while the rest of its batch goes on.
 
-The `vllm` backend is Ray Serve LLM's own OpenAI app (see `teacher/vllm_backend.py`), which has
+The `vllm` backend is Ray Serve LLM's own OpenAI app (see `serve/vllm_app.py`), which has
 its own continuous batching and structured outputs but not our auth, size limit and /metrics.
 
 - `build_teacher_app(cfg)` → a Serve application (route prefix chosen at deploy time);
@@ -57,15 +57,10 @@ from rebase_ray.serve.http import (
     wait_for_interrupt,
     without_secrets,
 )
-from rebase_ray.teacher.backends import (
-    Completion,
-    Messages,
-    OutputFormat,
-    SamplingParams,
-    make_backend,
-)
-from rebase_ray.teacher.vllm_backend import IMPORT_PATH as VLLM_IMPORT_PATH
-from rebase_ray.teacher.vllm_backend import build_vllm_app, openai_app_args, served_name
+from rebase_ray.serve.vllm_app import IMPORT_PATH as VLLM_IMPORT_PATH
+from rebase_ray.serve.vllm_app import build_vllm_app, openai_app_args, served_name
+from rebase_ray.teacher.backends import make_backend
+from rebase_ray.teacher.types import Completion, Messages, OutputFormat, SamplingParams
 
 APP_NAME = "teacher"
 DEFAULT_MAX_TOKENS = 256

@@ -1,73 +1,26 @@
-"""The teacher backend interface and the transformers backend.
+"""The transformers backend, and `make_backend` (the backend object for a teacher config).
 
-A backend turns a batch of chat conversations plus one set of sampling parameters into
-completions with token counts: `generate(conversations, params, max_tokens=, formats=,
-cancelled=) -> list[list[Completion]]`, `params.n` completions per conversation; each
-conversation may have its own max_tokens, its own structured output (`OutputFormat`, None:
-free text) and a `cancelled()` callable that stops its generation early. Backends:
+A backend (the `Backend` interface, in `types.py`) turns a batch of chat conversations plus
+one set of sampling parameters into completions with token counts: `generate(conversations,
+params, max_tokens=, formats=, cancelled=) -> list[list[Completion]]`, `params.n` completions
+per conversation; each conversation may have its own max_tokens, its own structured output
+(`OutputFormat`, None: free text) and a `cancelled()` callable that stops its generation early.
+Backends:
 - `TransformersBackend` (this module): `rebase_ray.generation` (one batched `generate` call,
   grammar-constrained rows next to free ones), CPU or CUDA, optionally with a peft LoRA adapter
   on top of the base model (the student is served this way);
 - `OpenAIBackend` (`openai_backend.py`): any OpenAI-compatible server;
 - vLLM is not a backend object: on GPUs the whole endpoint is Ray Serve LLM's OpenAI app
-  (`vllm_backend.py`), so vLLM's own continuous batching serves the requests.
+  (`rebase_ray/serve/vllm_app.py`), so vLLM's own continuous batching serves the requests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from rebase_ray.config import TeacherConfig
-from rebase_ray.generation import LM, Constraint, generate
-
-Messages = list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """OpenAI's sampling fields. temperature 0 means greedy decoding; `seed` seeds torch's RNG
-    before the batch's generate call (so a batch is reproducible, not each row on its own)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    n: int = 1
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class OutputFormat:
-    """A request's structured output. `fields`: the request fields as the client sent them
-    (`response_format`, vLLM's `structured_outputs`), which a remote backend forwards unchanged;
-    `constraint`: what they mean to the grammar engine (None: free text)."""
-
-    fields: dict[str, Any]
-    constraint: Constraint | None
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    # "stop" (end of sequence or a stop string), "length" (cut by max_tokens) or "abort"
-    # (its cancelled() became true)
-    finish_reason: str
-
-
-class Backend(Protocol):
-    def prepare(self, fmt: OutputFormat) -> None:
-        """Get `fmt` ready before its request is queued; raises UnsupportedSchema (naming the
-        feature) when this backend cannot enforce it."""
-
-    def generate(self, conversations: list[Messages], params: SamplingParams, *,
-                 max_tokens: Sequence[int] | None = None,
-                 formats: Sequence[OutputFormat | None] | None = None,
-                 cancelled: Sequence[Callable[[], bool] | None] | None = None,
-                 ) -> list[list[Completion]]: ...
+from rebase_ray.generation import LM, generate
+from rebase_ray.teacher.types import Backend, Completion, Messages, OutputFormat, SamplingParams
 
 
 class TransformersBackend:
@@ -105,7 +58,7 @@ class TransformersBackend:
 
 
 def make_backend(cfg: TeacherConfig) -> Backend:
-    """The backend object for `cfg.backend` (the vLLM endpoint is built by vllm_backend)."""
+    """The backend object for `cfg.backend` (the vLLM endpoint is built by serve/vllm_app)."""
     if cfg.backend == "transformers":
         from rebase_ray.models import set_torch_threads
 
@@ -117,4 +70,4 @@ def make_backend(cfg: TeacherConfig) -> Backend:
 
         return OpenAIBackend.from_config(cfg)
     raise ValueError("teacher.backend: vllm is served by Ray Serve LLM as a whole app "
-                     "(rebase_ray.teacher.vllm_backend.build_vllm_app), not as a backend object")
+                     "(rebase_ray.serve.vllm_app.build_vllm_app), not as a backend object")

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI
 
-from rebase_ray.teacher.backends import Completion, Messages
+from rebase_ray.teacher.types import Completion, Messages
 
 
 class BudgetExceeded(RuntimeError):

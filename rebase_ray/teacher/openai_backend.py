@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from rebase_ray.config import TeacherConfig
-from rebase_ray.teacher.backends import Completion, Messages, OutputFormat, SamplingParams
 from rebase_ray.teacher.client import TeacherClient
+from rebase_ray.teacher.types import Completion, Messages, OutputFormat, SamplingParams
 
 
 class OpenAIBackend:

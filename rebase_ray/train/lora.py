@@ -46,7 +46,6 @@ IGNORE = -100
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
 ADAPTER = "adapter"
-STOP_REASONS = ("max_steps", "max_tokens", "max_examples", "max_wall_s", "epochs")
 POLL_S = 0.5  # how often the driver reads the step counter while training runs
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from rebase_ray.formats import split_answer
 from rebase_ray.text import NgramIndex, normalize
 
 # Reasons, in the order the filters run (also the order of the stats table).
-REASONS = ("truncated", "unparseable", "empty", "label_not_in_set", "answer_not_a_span",
+REASONS = ("truncated", "unparseable", "empty", "too_short", "label_not_in_set", "answer_not_a_span",
            "overlong", "copy_of_fewshot", "contaminated", "rationale_disagrees",
            "label_unconfirmed", "duplicate", "near_duplicate", "teacher_error",
            "budget_exhausted")
@@ -23,6 +23,7 @@ REASONS = ("truncated", "unparseable", "empty", "label_not_in_set", "answer_not_
 class FilterContext:
     task: TaskConfig
     max_output_chars: int = 2000
+    min_input_chars: int = 1
     eval_index: NgramIndex = field(default_factory=lambda: NgramIndex([]))
 
     def __post_init__(self) -> None:
@@ -43,6 +44,8 @@ def check(example: dict[str, str], ctx: FilterContext) -> str | None:
     inp, out, answer = example["input"].strip(), example["output"].strip(), example["answer"]
     if not inp or not out or not answer.strip():
         return "empty"
+    if len(inp) < ctx.min_input_chars:
+        return "too_short"
     if ctx.labels:
         label = canonical_label(answer, ctx)
         if label is None:

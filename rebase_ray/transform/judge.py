@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rebase_ray.formats import ANSWER_PREFIX, checked_rationale
-from rebase_ray.teacher.backends import Completion
+from rebase_ray.teacher.types import Completion
 from rebase_ray.transform.filters import FilterContext, check, split_output
 from rebase_ray.transform.parse import ParseError, parse_example, parse_object
 

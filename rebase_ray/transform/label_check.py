@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from rebase_ray.config import LabelCheck, TaskConfig
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
-from rebase_ray.teacher.prompts import classify_messages
 from rebase_ray.transform.filters import FilterContext, canonical_label
+from rebase_ray.transform.prompts import classify_messages
 from rebase_ray.transform.schema import label_choice
 
 

@@ -31,7 +31,12 @@ from rebase_ray.config import S3Config, SourceConfig, TaskConfig, TransformConfi
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
 from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
-from rebase_ray.teacher.prompts import (
+from rebase_ray.text import NgramIndex
+from rebase_ray.transform.datacard import data_card
+from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext
+from rebase_ray.transform.judge import judge_answer, judge_example, judge_rationale
+from rebase_ray.transform.label_check import check_labels
+from rebase_ray.transform.prompts import (
     CLASSIFY_VERSION,
     RATIONALE_VERSION,
     TRANSFORM_VERSION,
@@ -40,11 +45,6 @@ from rebase_ray.teacher.prompts import (
     rationale_messages,
     transformation_messages,
 )
-from rebase_ray.text import NgramIndex
-from rebase_ray.transform.datacard import data_card
-from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext
-from rebase_ray.transform.judge import judge_answer, judge_example, judge_rationale
-from rebase_ray.transform.label_check import check_labels
 from rebase_ray.transform.schema import label_choice, reply_formats
 
 RETRYABLE = {"teacher_error", "budget_exhausted"}
@@ -91,7 +91,8 @@ class TeacherWorker:
         self.cfg = TransformConfig.model_validate(cfg)
         self.client = TeacherClient(base_url, api_key=api_key, model=model,
                                     concurrency=self.cfg.concurrency, max_requests=max_requests)
-        self.ctx = FilterContext(self.task, self.cfg.max_output_chars, eval_index)
+        self.ctx = FilterContext(self.task, self.cfg.max_output_chars,
+                                 self.cfg.reply.min_input_chars, eval_index)
         self.sampling = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
                          "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed}
         self.formats = reply_formats(self.task, self.cfg.reply)
@@ -252,7 +253,7 @@ def transform(task: TaskConfig, hits: str, teacher_url: str, out: str, cfg: Tran
                 advance(len(batch))
         done = _read_parts(st, out)
 
-    examples, rejects = _finalize(done, cfg)
+    examples, rejects = _finalize(done, task, cfg)
     wall = time.time() - t0
     summary = _summary(task, hits_table, examples, rejects, stats_new, wall, len(todo))
     summary["teacher"]["requests_total"] = int(done["requests"].sum())  # earlier runs too
@@ -268,11 +269,14 @@ def transform(task: TaskConfig, hits: str, teacher_url: str, out: str, cfg: Tran
     return summary
 
 
-def _finalize(done: pd.DataFrame, cfg: TransformConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Drop exact and near duplicates among kept examples (best-ranked first) and split the
-    results into examples and rejects."""
+def _finalize(done: pd.DataFrame, task: TaskConfig, cfg: TransformConfig
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop exact and near duplicates among kept examples (best-ranked first), and near copies
+    of the task's few-shot inputs, and split the results into examples and rejects."""
     done = done.sort_values("rank", kind="stable").reset_index(drop=True)
     dedup = Deduplicator(cfg.near_duplicate_threshold)
+    for j, example in enumerate(task.examples):
+        dedup.check(f"fewshot:{j}", example.input)
     for i in done.index[done["status"] == "kept"]:
         reason = dedup.check(done.at[i, "row_key"], done.at[i, "input"])
         if reason:

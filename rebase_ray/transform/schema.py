@@ -3,7 +3,8 @@
 bundled CPU teacher (xgrammar), vLLM (natively) or a remote OpenAI-compatible API.
 
 - a task example (transformation, tail synthesis): {"input", ["rationale",] "output"}; `output`
-  is an enum of the task's labels, else a string with a maxLength; `rationale` is present when
+  is an enum of the task's labels, else a string with a maxLength; `input` has the
+  reply's minLength and maxLength; `rationale` is present when
   the example writes its own (`cot: fewshot`, or a synthesis with `cot: annotate`) and comes
   before `output`, so the reasoning is written before the answer;
 - a rationale for a given answer (BalDistill's annotation, cot: annotate):
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from rebase_ray.config import ReplyFormat, TaskConfig
-from rebase_ray.teacher.prompts import writes_rationale
+from rebase_ray.transform.prompts import writes_rationale
 
 EXAMPLE_SCHEMA = "task_example"
 RATIONALE_SCHEMA = "rationale"
@@ -28,13 +29,14 @@ def _answer(task: TaskConfig, max_chars: int) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "maxLength": max_chars}
 
 
-def _text(max_chars: int) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": max_chars}
+def _text(max_chars: int, min_chars: int = 1) -> dict[str, Any]:
+    return {"type": "string", "minLength": min_chars, "maxLength": max_chars}
 
 
 def example_schema(task: TaskConfig, max_input_chars: int, max_answer_chars: int,
-                   max_rationale_chars: int, rationale: bool) -> dict[str, Any]:
-    props: dict[str, Any] = {"input": _text(max_input_chars)}
+                   max_rationale_chars: int, rationale: bool,
+                   min_input_chars: int = 1) -> dict[str, Any]:
+    props: dict[str, Any] = {"input": _text(max_input_chars, min_input_chars)}
     if rationale:
         props["rationale"] = _text(max_rationale_chars)
     props["output"] = _answer(task, max_answer_chars)
@@ -68,7 +70,8 @@ def reply_formats(task: TaskConfig, cfg: ReplyFormat, synthesis: bool = False,
     if not cfg.structured:
         return {"example": {}, "rationale": {}}
     example = example_schema(task, cfg.max_input_chars, cfg.max_answer_chars,
-                             cfg.max_rationale_chars, writes_rationale(task, synthesis))
+                             cfg.max_rationale_chars, writes_rationale(task, synthesis),
+                             cfg.min_input_chars)
     if label is not None:
         example["properties"]["output"] = {"type": "string", "enum": [label]}
     rationale = rationale_schema(task, cfg.max_answer_chars, cfg.max_rationale_chars)

@@ -1,4 +1,4 @@
-"""The vLLM backend: Ray Serve LLM's OpenAI app (`ray.serve.llm.build_openai_app`) running the
+"""The teacher's `vllm` backend: Ray Serve LLM's OpenAI app (`ray.serve.llm.build_openai_app`) running the
 vLLM engine, with vLLM's own continuous batching. Our code only translates `TeacherConfig` into
 an `LLMConfig`; everything else is Ray Serve LLM's. Structured outputs are vLLM's own: requests
 reach its OpenAI server unchanged, so `response_format` (json_object, json_schema) and

@@ -1,11 +1,12 @@
-"""Versioned prompts the teacher answers. Every generated example is stamped with the version
-of the prompt that made it, so a prompt change never mixes silently with older data.
+"""Versioned prompts the teacher answers in transform (distill's annotation uses the rationale
+prompt too; its tail synthesis is in `distill/prompts.py`). Every generated example is stamped
+with the version of the prompt that made it, so a prompt change never mixes silently with
+older data.
 
 - transformation (ReBase): task instruction + few-shot examples + one retrieved row → one new
   example of the task, as JSON with `input` and `output`;
 - rationale (BalDistill / cot: annotate): input + gold output → a zero-shot rationale that
   ends with "Answer: <gold>";
-- synthesis (BalDistill, tail domains): a few examples of one domain → one new example;
 - classification (the label check, transform.input: row): the task and its few-shot examples
   as chat turns → the answer to an input.
 
@@ -26,7 +27,6 @@ from rebase_ray.config import TaskConfig
 
 TRANSFORM_VERSION = "rebase-transform-v3"
 RATIONALE_VERSION = "rationale-v2"
-SYNTHESIS_VERSION = "synthesis-v3"
 CLASSIFY_VERSION = "classify-v2"
 
 
@@ -41,13 +41,13 @@ def _keys(rationale: bool) -> list[str]:
     return ["input", "rationale", "output"] if rationale else ["input", "output"]
 
 
-def _system(rationale: bool) -> str:
+def system_message(rationale: bool) -> str:
     keys = ", ".join(f'"{k}"' for k in _keys(rationale))
     return (f"You write training examples for a task. Reply with exactly one JSON object with "
             f"the keys {keys}, and nothing else.")
 
 
-def _reply_line(rationale: bool) -> str:
+def reply_line(rationale: bool) -> str:
     body = ", ".join(f'"{k}": "..."' for k in _keys(rationale))
     line = f"Reply with only a JSON object: {{{body}}}"
     if rationale:
@@ -72,7 +72,7 @@ def _task_block(task: TaskConfig, order: list[int] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _format_rule(task: TaskConfig) -> str:
+def format_rule(task: TaskConfig) -> str:
     if task.cot == "fewshot":
         return ("The rationale must reason briefly, as the examples do, and the output must "
                 "have the same form as the examples' final answers.")
@@ -93,10 +93,10 @@ def transformation_messages(task: TaskConfig, row: dict[str, str],
         user = "\n".join([
             _task_block(task, order),
             "Write ONE new example of the task above, different from the examples. "
-            + _format_rule(task),
-            _reply_line(rationale),
+            + format_rule(task),
+            reply_line(rationale),
         ])
-        return [{"role": "system", "content": _system(rationale)}, {"role": "user", "content": user}]
+        return [{"role": "system", "content": system_message(rationale)}, {"role": "user", "content": user}]
     record = "\n".join(f"{col}: {cut(val, max_value_chars)}" for col, val in row.items())
     user = "\n".join([
         _task_block(task),
@@ -105,10 +105,10 @@ def transformation_messages(task: TaskConfig, row: dict[str, str],
         "<record>", record, "</record>",
         "",
         "Using the information in the record, write ONE new example of the task above. "
-        + _format_rule(task),
-        _reply_line(rationale),
+        + format_rule(task),
+        reply_line(rationale),
     ])
-    return [{"role": "system", "content": _system(rationale)}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_message(rationale)}, {"role": "user", "content": user}]
 
 
 def rationale_messages(task: TaskConfig, input_text: str, output: str) -> list[dict[str, str]]:
@@ -123,31 +123,6 @@ def rationale_messages(task: TaskConfig, input_text: str, output: str) -> list[d
     ])
     return [{"role": "system", "content": "You explain answers to tasks briefly and correctly."},
             {"role": "user", "content": user}]
-
-
-def synthesis_messages(task: TaskConfig, domain: str, examples: list[dict[str, str]],
-                       label: str | None = None) -> list[dict[str, str]]:
-    """BalDistill tail synthesis: one new example for `domain` from a few of its examples;
-    with `label` (domains that are labels), the example's output is that label."""
-    rationale = writes_rationale(task, synthesis=True)
-    shots = []
-    for i, ex in enumerate(examples, 1):
-        shots += [f"Example {i}", f"Input: {ex['input'].strip()}",
-                  f"Output: {ex['output'].strip()}", ""]
-    user = "\n".join([
-        f"Task: {task.instruction.strip()}",
-        *(["The output must be exactly one of: " + ", ".join(task.labels) + "."]
-          if task.labels else []),
-        f"Domain: {domain}",
-        "",
-        f"Examples of the task from the domain '{domain}':",
-        *shots,
-        f"Write ONE new example of the task for the domain '{domain}', different from the "
-        "examples above. " + (f"Its output must be: {label}. " if label else "")
-        + _format_rule(task),
-        _reply_line(rationale),
-    ])
-    return [{"role": "system", "content": _system(rationale)}, {"role": "user", "content": user}]
 
 
 def classify_messages(task: TaskConfig, input_text: str) -> list[dict[str, str]]:
