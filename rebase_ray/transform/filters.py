@@ -13,10 +13,10 @@ from rebase_ray.formats import split_answer
 from rebase_ray.text import NgramIndex, normalize
 
 # Reasons, in the order the filters run (also the order of the stats table).
-REASONS = ("truncated", "unparseable", "empty", "too_short", "label_not_in_set", "answer_not_a_span",
-           "overlong", "copy_of_fewshot", "contaminated", "rationale_disagrees",
-           "label_unconfirmed", "duplicate", "near_duplicate", "teacher_error",
-           "budget_exhausted")
+REASONS = ("truncated", "unparseable", "empty", "too_short", "label_not_in_set",
+           "answer_not_a_span", "overlong", "copy_of_fewshot", "contaminated",
+           "rationale_disagrees", "label_unconfirmed", "duplicate", "near_duplicate",
+           "teacher_error", "budget_exhausted")
 
 
 @dataclass
