@@ -1,7 +1,7 @@
 """The demo, three times from clean artifact folders with seeds 0, 1, 2 (transform, distill
 and training seeds), as a person runs it: `rebase-ray demo` in a fresh folder, timed per stage.
 
-    .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2] [--eval test|dev]
+    .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2 | 0 0 0] [--eval test|dev]
         [--set SECTION.KEY=YAML ...] [--name STEM]
 
 Per seed: wall time per stage and in all, examples kept by transform, gathered by distill and
@@ -123,8 +123,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()[0]
     runs = []
-    for seed in args.seeds:
-        folder = work / f"seed-{seed}"
+    for i, seed in enumerate(args.seeds):  # a seed given twice: is the demo reproducible?
+        folder = work / f"run-{i}-seed-{seed}"
         demo_folder(folder, seed, args.eval, args.overrides)
         t0 = time.time()
         proc = subprocess.run([str(Path(sys.executable).parent / "rebase-ray"), "demo", "--dir",
@@ -144,12 +144,21 @@ def main() -> None:
               f"{run['gain_over_base']:+.3f}; over baselines {run['margin_over_baselines']}",
               flush=True)
         runs.append(run)
+        write(args, load, runs)  # after every run: a later failure keeps the finished ones
+    print(json.dumps({k: v for k, v in write(args, load, runs).items() if k != "runs"},
+                     indent=2))
+
+
+def write(args: argparse.Namespace, load: float, runs: list[dict]) -> dict:
+    """The summary of the runs so far, written to benchmarks/results/."""
     counts = [r["distill_examples"] for r in runs]
+    kept = [r["transform_kept"] for r in runs]
     summary = {
         "eval": args.eval, "seeds": args.seeds, "overrides": args.overrides,
         "load_avg_1m_at_start": round(load, 2),
         "runs": runs,
         "distill_examples_spread": round((max(counts) - min(counts)) / max(1, min(counts)), 3),
+        "transform_kept_spread": round((max(kept) - min(kept)) / max(1, min(kept)), 3),
         "gain_signs": [1 if r["gain_over_base"] > 0 else -1 if r["gain_over_base"] < 0 else 0
                        for r in runs],
         "beats_both_baselines": [all(m > 0 for m in r["margin_over_baselines"].values())
@@ -161,7 +170,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = args.name or ("demo_seeds" if args.eval == "test" else "demo_seeds_dev")
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    return summary
 
 
 if __name__ == "__main__":

@@ -203,6 +203,35 @@ def _row_stop_class():
     return RowStop
 
 
+def _seeded_sampler_class():
+    import torch
+    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+    class SeededSampler(LogitsProcessor):
+        """Sampling with one random stream per row (the Gumbel-max trick): the warped logits
+        plus Gumbel noise drawn from the row's own generator, so that greedy decoding of the
+        result samples from softmax(logits / temperature) cut to top_p. A row's sample depends
+        on its prompt and its seed only, not on the rows batched with it; a row without a seed
+        draws its generator's seed from torch's global RNG."""
+
+        def __init__(self, temperature: float, top_p: float, seeds: list[int | None]):
+            self.warpers = [TemperatureLogitsWarper(temperature)]
+            if top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p))
+            self.generators = [torch.Generator().manual_seed(
+                int(torch.randint(2**62, ())) if s is None else s) for s in seeds]
+
+        def __call__(self, input_ids, scores):
+            for warp in self.warpers:
+                scores = warp(input_ids, scores)
+            uniform = torch.stack([torch.rand(scores.shape[1], generator=g)
+                                   for g in self.generators]).to(scores.device)
+            gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
+            return scores.float() + gumbel
+
+    return SeededSampler
+
+
 @dataclass
 class Generated:
     text: str
@@ -256,15 +285,17 @@ class LM:
 
 
 def generate(lm: LM, prompts: list[str], *, max_new_tokens: int | Sequence[int],
-             temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int | None = None,
-             stop: Sequence[str] = (), constraints: Sequence[Constraint | None] | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, n: int = 1,
+             seeds: Sequence[int | None] | None = None, stop: Sequence[str] = (),
+             constraints: Sequence[Constraint | None] | None = None,
              cancelled: Sequence[Callable[[], bool] | None] | None = None,
              ) -> list[list[Generated]]:
     """`n` completions per rendered prompt, in one batched `generate` call.
 
-    `max_new_tokens` is one limit or one per prompt; `constraints` one per prompt (None: free);
-    `cancelled` one callable per prompt, polled after every token. Greedy decoding
-    (temperature 0) decodes once and repeats the answer n times."""
+    `max_new_tokens` is one limit or one per prompt; `seeds`, `constraints` and `cancelled` one
+    per prompt: a prompt's k-th completion samples with seed + k (None: unseeded), whatever
+    else is in the batch; a constraint None is free text; `cancelled` is polled after every
+    token. Greedy decoding (temperature 0) decodes once and repeats the answer n times."""
     import torch
 
     if not prompts:
@@ -276,7 +307,9 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int | Sequence[int],
     per_prompt = n if sample else 1
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = enc.to(model.device)
+    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+    # one row per completion (what num_return_sequences does, which greedy search refuses)
+    enc = {k: v.repeat_interleave(per_prompt, dim=0).to(model.device) for k, v in enc.items()}
     prompt_len = enc["input_ids"].shape[1]
 
     def rows(values: Sequence[Any] | None) -> list[Any]:
@@ -285,23 +318,27 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int | Sequence[int],
 
     row_cancel = rows(cancelled)
     kwargs: dict[str, Any] = {
-        "max_new_tokens": max(limits), "do_sample": sample, "num_return_sequences": per_prompt,
-        "pad_token_id": lm.pad_id,
+        "max_new_tokens": max(limits), "do_sample": False, "pad_token_id": lm.pad_id,
+        "logits_processor": [],
         "stopping_criteria": [_row_stop_class()(prompt_len, rows(limits), row_cancel)]}
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if sample:  # greedy decoding of Gumbel-perturbed logits: one seeded stream per row
+        # (generation_config's own sampling fields would only be ignored, with a warning)
+        kwargs.update(temperature=None, top_p=None, top_k=None)
     if stop:
         kwargs.update(stop_strings=list(stop), tokenizer=tok)
     if constraints is not None and any(c is not None for c in constraints):
         grammars = [None if c is None else lm.grammars.compile(c) for c in rows(constraints)]
-        kwargs["logits_processor"] = [_grammar_mask_class()(
-            grammars, model.config.vocab_size, lm.grammars.control_tokens)]
-    if seed is not None:
-        torch.manual_seed(seed)
+        kwargs["logits_processor"].append(_grammar_mask_class()(
+            grammars, model.config.vocab_size, lm.grammars.control_tokens))
+    if sample:  # after the grammar mask: the noise never revives a masked token
+        row_seeds = [None if s is None else s + k
+                     for s in (seeds if seeds is not None else [None] * len(prompts))
+                     for k in range(per_prompt)]
+        kwargs["logits_processor"].append(_seeded_sampler_class()(temperature, top_p,
+                                                                  row_seeds))
     with torch.inference_mode():
         out = model.generate(**enc, **kwargs)
     new_tokens = out[:, prompt_len:].tolist()
-    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
     results: list[list[Generated]] = []
     for i, p_len in enumerate(prompt_tokens):
         comps = [_completion(lm, new_tokens[r], int(p_len), limits[i], stop,

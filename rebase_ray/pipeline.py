@@ -301,8 +301,8 @@ def _evaluate(r: Run, _url: str | None) -> dict:
     baseline_adapters = {}
     if r.cfg.evaluate.baselines:
         done = st.read_json(st.join(r.out("baselines"), "baselines.json"))
-        baseline_adapters = {b["baseline"]: b["adapter"] for b in done["baselines"]
-                             if b.get("adapter")}
+        # a baseline with nothing to train on is the base model (adapter None)
+        baseline_adapters = {b["baseline"]: b.get("adapter") for b in done["baselines"]}
         report["sections"].insert(0, {"title": "Baselines: what each comparison student "
                                                "trained on", "table": done["baselines"]})
     records = load_eval_set(task, r.cfg.s3).records

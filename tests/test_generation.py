@@ -36,7 +36,7 @@ def test_mixed_batch_each_row_its_own_constraint_and_limit(lm):
                    Constraint.json_object(), None]
     for seed in range(3):
         out = generate(lm, prompts, max_new_tokens=[120, 8, 120, 5], temperature=1.0, n=2,
-                       seed=seed, constraints=constraints)
+                       seeds=[seed] * 4, constraints=constraints)
         for choice in out[0]:
             assert choice.finish_reason == "stop"
             obj = json.loads(choice.text)  # strict JSON: no raw control characters
@@ -48,6 +48,42 @@ def test_mixed_batch_each_row_its_own_constraint_and_limit(lm):
             if choice.finish_reason == "stop":
                 assert isinstance(json.loads(choice.text), dict)
         assert all(c.completion_tokens == 5 and c.finish_reason == "length" for c in out[3])
+
+
+def test_a_seeded_row_samples_the_same_in_any_batch(lm):
+    """The row's sample depends on its prompt and seed only: alone, or between other rows
+    with other seeds, lengths and a grammar, it is the same text."""
+    def prompt(text):
+        return lm.render([{"role": "user", "content": text}])
+
+    mine = prompt("Name a colour.")
+    alone = generate(lm, [mine], max_new_tokens=12, temperature=1.0, n=2, seeds=[7])[0]
+    batched = generate(lm, [prompt("Write a long story about a castle."), mine, prompt("Hi")],
+                       max_new_tokens=[20, 12, 3], temperature=1.0, n=2, seeds=[1, 7, None],
+                       constraints=[Constraint.choice(["yes", "no"]), None, None])[1]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert alone[0].text != alone[1].text  # the second choice samples with seed + 1
+    other = generate(lm, [mine], max_new_tokens=12, temperature=1.0, seeds=[8])[0][0]
+    assert other.text != alone[0].text
+
+
+def test_seeded_sampler_draws_from_the_warped_softmax():
+    """Gumbel-max over many seeds gives softmax(logits / T) frequencies, and top_p drops the
+    tail: the sampler is a sampler, not a perturbed argmax."""
+    import torch
+
+    from rebase_ray.generation import _seeded_sampler_class
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    draws = 4000
+    for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.8)):
+        sampler = _seeded_sampler_class()(temperature, top_p, list(range(draws)))
+        picks = sampler(None, logits.repeat(draws, 1)).argmax(dim=1)
+        freq = torch.bincount(picks, minlength=4).float() / draws
+        want = torch.softmax(logits[0] / temperature, dim=0)
+        if top_p < 1:  # the smallest set of tokens with mass >= 0.8: the first two
+            want = torch.tensor([want[0], want[1], 0, 0]) / (want[0] + want[1])
+        assert torch.allclose(freq, want, atol=0.03), (temperature, top_p, freq, want)
 
 
 def test_cancelled_row_stops_and_says_abort(lm):

@@ -45,10 +45,13 @@ def test_batch_counts_tokens_and_honours_n_and_length(tiny):
     assert len({c.text for c in out[0]}) > 1  # n samples, not one answer repeated
 
 
-def test_seed_reproduces_a_batch_and_greedy_repeats(tiny):
+def test_seed_reproduces_each_row_and_greedy_repeats(tiny):
     params = SamplingParams(temperature=1.0, max_tokens=8, seed=7)
     first = tiny.generate(CONVS, params)
     assert tiny.generate(CONVS, params) == first
+    # per-conversation seeds override params.seed, and a row does not depend on its batch
+    own = tiny.generate(CONVS, params, seeds=[3, 7])
+    assert own[1] == first[1] and tiny.generate(CONVS[:1], params, seeds=[3])[0] == own[0]
     greedy = tiny.generate(CONVS[:1], SamplingParams(temperature=0, max_tokens=5, n=2))
     assert greedy[0][0] == greedy[0][1]
 

@@ -134,7 +134,7 @@ def test_label_check_vote_relabels_and_counts_every_call(ray_cluster, tmp_path):
     assert dict(zip(ex["input"].str[:12], ex["output"])) == {"Shares in th": "business",
                                                              "The striker ": "sport"}
     assert json.loads(ex.loc[ex["output"] == "sport", "flags"].item()) == ["relabelled"]
-    assert seeds == [0, 0, 1, 1, 2, 2]  # 3 votes per example, each its own sample
+    assert len(set(seeds)) == 6  # 3 votes per example, each request its own sample
     assert s["teacher"]["requests"] == 2 + 6
 
 

@@ -12,7 +12,9 @@ the report can say whether retrieval + distillation beat the simple ways to the 
 
 Writes, per baseline, `OUT/<name>/examples.parquet` (what it trained on; `synthetic/` also
 holds the transform stage's rejects, stats and data card) and `OUT/<name>/train/`, then
-`OUT/baselines.json` and the manifest. A baseline whose training finished is not redone.
+`OUT/baselines.json` and the manifest. A baseline whose training finished is not redone. A
+baseline left with no example is not trained (adapter None): it is the base model, and the
+evaluation scores it so, so that the comparison keeps its column.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def run(task: TaskConfig, out: str, baselines: list[str], train: TrainConfig,
             examples = st.read_parquet(st.join(folder, "examples.parquet"))
         row["examples"] = examples.num_rows
         if examples.num_rows == 0:
-            row.update(adapter=None, skipped="no example to train on")
+            # not trained: evaluation scores it as the base model, which it is
+            row.update(adapter=None, skipped="no example to train on: scored as the base model")
             rows.append(row)
             continue
         summary_uri = st.join(folder, "train", "train_summary.json")

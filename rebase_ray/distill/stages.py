@@ -48,7 +48,7 @@ from rebase_ray.distill.prompts import SYNTHESIS_VERSION, synthesis_messages
 from rebase_ray.formats import student_target
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import fewshot_rows, load_eval_set
-from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
+from rebase_ray.teacher.client import BudgetExceeded, TeacherClient, request_seed
 from rebase_ray.text import NgramIndex, normalize
 from rebase_ray.transform.filters import Deduplicator, FilterContext
 from rebase_ray.transform.judge import judge_example, judge_rationale
@@ -219,7 +219,7 @@ class Stage:
         client = TeacherClient(run.teacher_url, api_key=run.api_key, model=run.teacher_model,
                                concurrency=cfg.concurrency, max_requests=limit)
         sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                    "max_tokens": cfg.max_tokens, "seed": cfg.seed}
+                    "max_tokens": cfg.max_tokens}
         formats = reply_formats(run.task, cfg.reply, synthesis=True)
         t0 = time.time()
         replies: dict[int, Any] = {}
@@ -233,9 +233,11 @@ class Stage:
                     run.task, j["domain"], j["shots"], label=j["domain"] if by_label else None))):
             asks = [i for i, j in enumerate(jobs) if j["kind"] == kind]
             if asks:
-                own = ([reply_formats(run.task, cfg.reply, synthesis=True,
-                                      label=jobs[i]["domain"])["example"]
-                        for i in asks] if kind == "synthesize" and by_label else None)
+                own = [{"seed": self._seed(jobs[i])} for i in asks]
+                if kind == "synthesize" and by_label:
+                    for o, i in zip(own, asks):
+                        o.update(reply_formats(run.task, cfg.reply, synthesis=True,
+                                               label=jobs[i]["domain"])["example"])
                 out = client.chat_many([messages(jobs[i]) for i in asks], per_request=own,
                                        **sampling, **formats[fmt])
                 replies.update(zip(asks, out))
@@ -246,6 +248,11 @@ class Stage:
         self.timing["teacher_s"] = round(time.time() - t0, 2)
         stats = {**client.summary(), "limit": limit}
         return pd.DataFrame(calls, columns=CALL_COLUMNS), stats
+
+    def _seed(self, job: dict[str, Any]) -> int:
+        """The job's request seed: a rerun of the stage gets the same replies."""
+        what = job["row"]["example_id"] if "row" in job else (job["domain"], job["k"])
+        return request_seed(self.run.cfg.seed, self.stage, job["kind"], what)
 
     def _synthesis_cost(self) -> int:
         """Teacher calls per synthesized example: the synthesis and its label requests."""

@@ -62,7 +62,8 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
     scores}}], 'seconds', 'examples_per_s'}; `keys[0]` is the primary score (`METRIC_KEYS`).
     Runs: 'base' (the model without any adapter; present without an adapter, or with
     `cfg.baseline`), 'trained' (`adapter`) and one per entry of `baselines` ({name: adapter
-    URI}, e.g. students trained on other data), all answered in one pass.
+    URI}, e.g. students trained on other data; None: a student that had nothing to train on,
+    which is the base model and gets the base's answers), all answered in one pass.
     """
     if cfg.max_examples:
         records = records[: cfg.max_examples]
@@ -78,11 +79,17 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
     keys = METRIC_KEYS[task.metric]
     if task.metric == "accuracy" and not cfg.generative:
         keys = keys[:2]  # acc, acc_norm: nothing generated
-    adapters = {**(baselines or {}), **({"trained": adapter} if adapter else {})}
+    untrained = [name for name, a in (baselines or {}).items() if a is None]
+    adapters = {**{name: a for name, a in (baselines or {}).items() if a is not None},
+                **({"trained": adapter} if adapter else {})}
     t0 = time.time()
     outputs = predict([r["input"] for r in records], task.instruction, labels, model, adapters,
-                      cfg, s3, base=cfg.baseline)
+                      cfg, s3, base=cfg.baseline or bool(untrained))
     seconds = time.time() - t0
+    # base first, the baselines in their order, the distilled student last
+    outputs = {run: outputs["base"] if run in untrained else outputs[run]
+               for run in [*(["base"] if "base" in outputs else []), *(baselines or {}),
+                           *(["trained"] if adapter else [])]}
     predictions = []
     for i, rec in enumerate(records):
         row = {"input": rec["input"], "output": rec["output"],

@@ -6,8 +6,9 @@ timeouts, disconnects, aborted and truncated replies).
 
 The transformers backend answers through `@serve.batch`: concurrent requests are merged into
 one `generate` call (max batch size and wait from `TeacherConfig`); requests in one batch that
-ask for different sampling parameters (temperature, top_p, n, seed, stop) run as one
-`generate` call per parameter set, each row with its own max_tokens and structured output.
+ask for different sampling parameters (temperature, top_p, n, stop) run as one `generate` call
+per parameter set, each row with its own max_tokens, structured output and seed (a seeded
+request's sample does not depend on the requests batched with it).
 
 Structured outputs: OpenAI's `response_format` (text, json_object, json_schema) or vLLM's
 `structured_outputs` ({"choice": [...]} or {"json": schema}) become a grammar
@@ -208,9 +209,10 @@ class Row:
     arrived: float
 
     def group(self) -> tuple:
-        """The sampling parameters one generate call shares (max_tokens is per row)."""
+        """The sampling parameters one generate call shares (max_tokens and seed are per
+        row)."""
         p = self.params
-        return p.temperature, p.top_p, p.n, p.seed, p.stop
+        return p.temperature, p.top_p, p.n, p.stop
 
 
 class ReplicaStats:
@@ -365,7 +367,8 @@ class TeacherServer:
             out = await asyncio.to_thread(
                 self.backend.generate, [r.messages for r in group], group[0].params,
                 max_tokens=[r.params.max_tokens for r in group],
-                formats=[r.format for r in group], cancelled=[r.cancelled for r in group])
+                formats=[r.format for r in group], cancelled=[r.cancelled for r in group],
+                seeds=[r.params.seed for r in group])
             self.stats.record_batch(len(indices), time.monotonic() - t0, out)
             for i, choices in zip(indices, out):
                 results[i] = choices

@@ -2,9 +2,10 @@
 
 A backend (the `Backend` interface, in `types.py`) turns a batch of chat conversations plus
 one set of sampling parameters into completions with token counts: `generate(conversations,
-params, max_tokens=, formats=, cancelled=) -> list[list[Completion]]`, `params.n` completions
-per conversation; each conversation may have its own max_tokens, its own structured output
-(`OutputFormat`, None: free text) and a `cancelled()` callable that stops its generation early.
+params, max_tokens=, formats=, cancelled=, seeds=) -> list[list[Completion]]`, `params.n`
+completions per conversation; each conversation may have its own max_tokens, its own structured
+output (`OutputFormat`, None: free text), a `cancelled()` callable that stops its generation
+early, and its own seed (its sample then does not depend on the batch it runs in).
 Backends:
 - `TransformersBackend` (this module): `rebase_ray.generation` (one batched `generate` call,
   grammar-constrained rows next to free ones), CPU or CUDA, optionally with a peft LoRA adapter
@@ -40,14 +41,15 @@ class TransformersBackend:
                  max_tokens: Sequence[int] | None = None,
                  formats: Sequence[OutputFormat | None] | None = None,
                  cancelled: Sequence[Callable[[], bool] | None] | None = None,
+                 seeds: Sequence[int | None] | None = None,
                  ) -> list[list[Completion]]:
-        """`max_tokens`, `formats`, `cancelled`: one per conversation (default: params.max_tokens
-        for all, free text, never cancelled)."""
+        """`max_tokens`, `formats`, `cancelled`, `seeds`: one per conversation (default:
+        params.max_tokens for all, free text, never cancelled, params.seed for all)."""
         out = generate(
             self.lm, [self.lm.render(c) for c in conversations],
             max_new_tokens=params.max_tokens if max_tokens is None else max_tokens,
-            temperature=params.temperature, top_p=params.top_p, n=params.n, seed=params.seed,
-            stop=params.stop,
+            temperature=params.temperature, top_p=params.top_p, n=params.n,
+            seeds=[params.seed] * len(conversations) if seeds is None else seeds, stop=params.stop,
             constraints=None if formats is None else [None if f is None else f.constraint
                                                     for f in formats],
             cancelled=cancelled)

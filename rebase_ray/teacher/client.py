@@ -13,11 +13,17 @@ Structured outputs: `response_format` (OpenAI's field) goes out as is; `structur
 (vLLM's field, e.g. {"choice": [...]}) goes in the request body through the openai client's
 `extra_body`, so one call works against our Serve teacher and vLLM alike. A reply cut by
 max_tokens keeps the server's finish_reason "length" and counts as `truncated`.
+
+Reproducible sampling: `request_seed(seed, *parts)` gives each request its own seed, derived
+from the run's seed and what the request is about (a row key, a domain). A server that seeds
+each request on its own (our Serve teacher, vLLM) then gives the same reply to the same request
+whatever it was batched with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +32,12 @@ import httpx
 from openai import AsyncOpenAI
 
 from rebase_ray.teacher.types import Completion, Messages
+
+
+def request_seed(seed: int, *parts: Any) -> int:
+    """A request's own seed (31 bits), from the run's seed and the request's identity."""
+    key = "\x1f".join(str(p) for p in (seed, *parts))
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) >> 1
 
 
 class BudgetExceeded(RuntimeError):

@@ -30,22 +30,25 @@ class OpenAIBackend:
                  max_tokens: Sequence[int] | None = None,
                  formats: Sequence[OutputFormat | None] | None = None,
                  cancelled: Sequence[Callable[[], bool] | None] | None = None,
+                 seeds: Sequence[int | None] | None = None,
                  ) -> list[list[Completion]]:
-        """`n` requests per conversation (one completion each, the k-th with seed + k), each
-        with its conversation's max_tokens and format fields; raises the first error.
+        """`n` requests per conversation (one completion each, the k-th with its seed + k), each
+        with its conversation's max_tokens, format fields and seed (default params.seed);
+        raises the first error.
         `cancelled` is not polled: a sent request runs until the server answers (under the
         client's timeout)."""
         limits = list(max_tokens) if max_tokens is not None else (
             [params.max_tokens] * len(conversations))
         fields = [{} if f is None else f.fields
                   for f in (formats if formats is not None else [None] * len(conversations))]
-        per_request = [{"max_tokens": m, **f} for m, f in zip(limits, fields)]
+        own = list(seeds) if seeds is not None else [params.seed] * len(conversations)
         rounds = []
         for k in range(params.n):
+            per_request = [{"max_tokens": m, "seed": None if s is None else s + k, **f}
+                           for m, s, f in zip(limits, own, fields)]
             results = self.client.chat_many(
                 conversations, per_request=per_request, temperature=params.temperature,
-                top_p=params.top_p, stop=list(params.stop) or None,
-                seed=None if params.seed is None else params.seed + k)
+                top_p=params.top_p, stop=list(params.stop) or None)
             for r in results:
                 if isinstance(r, Exception):
                     raise r

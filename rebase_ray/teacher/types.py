@@ -17,8 +17,9 @@ Messages = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI's sampling fields. temperature 0 means greedy decoding; `seed` seeds torch's RNG
-    before the batch's generate call (so a batch is reproducible, not each row on its own)."""
+    """OpenAI's sampling fields. temperature 0 means greedy decoding; `seed` seeds the request's
+    own random stream: the same prompt and seed give the same sample, whatever else is batched
+    with it (the k-th of n choices uses seed + k)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -57,4 +58,5 @@ class Backend(Protocol):
                  max_tokens: Sequence[int] | None = None,
                  formats: Sequence[OutputFormat | None] | None = None,
                  cancelled: Sequence[Callable[[], bool] | None] | None = None,
+                 seeds: Sequence[int | None] | None = None,
                  ) -> list[list[Completion]]: ...

@@ -2,7 +2,7 @@
 the generated input again, constrained to the label set (`structured_outputs.choice`).
 
 - roundtrip: one greedy label; the example is kept only when it agrees with the generated one;
-- vote: `votes` sampled labels (one request each, seeds seed..seed+votes-1); the majority label
+- vote: `votes` sampled labels (one request each, each with its own seed); the majority label
   is kept (it may replace the generated label: flag `relabelled`) when its share is at least
   `min_agreement` (Prompt2Model's multi-vote), else the example is rejected.
 
@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from rebase_ray.config import LabelCheck, TaskConfig
-from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
+from rebase_ray.teacher.client import BudgetExceeded, TeacherClient, request_seed
 from rebase_ray.transform.filters import FilterContext, canonical_label
 from rebase_ray.transform.prompts import classify_messages
 from rebase_ray.transform.schema import label_choice
@@ -42,9 +42,10 @@ def check_labels(client: TeacherClient, task: TaskConfig, ctx: FilterContext,
     prompts = [classify_messages(task, inp) for inp, _ in examples]
     sampling = {"temperature": 0.0 if k == 1 else cfg.temperature, "max_tokens": max_tokens,
                 "structured_outputs": label_choice(task)}
-    # one round over every example per vote, each with its own seed: k samples, not one
-    # sample repeated
-    rounds = [client.chat_many(prompts, seed=seed + j, **sampling) for j in range(k)]
+    # one round over every example per vote, each request with its own seed: k samples, not
+    # one sample repeated
+    rounds = [client.chat_many(prompts, **sampling, per_request=[
+        {"seed": request_seed(seed, "label", inp, j)} for inp, _ in examples]) for j in range(k)]
     return [_verdict([r[i] for r in rounds], label, ctx, cfg)
             for i, (_, label) in enumerate(examples)]
 

@@ -30,7 +30,7 @@ from rebase_ray import progress
 from rebase_ray.config import S3Config, SourceConfig, TaskConfig, TransformConfig
 from rebase_ray.storage import Storage, open_storage
 from rebase_ray.tasks import load_eval_set
-from rebase_ray.teacher.client import BudgetExceeded, TeacherClient
+from rebase_ray.teacher.client import BudgetExceeded, TeacherClient, request_seed
 from rebase_ray.text import NgramIndex
 from rebase_ray.transform.datacard import data_card
 from rebase_ray.transform.filters import REASONS, Deduplicator, FilterContext
@@ -93,13 +93,13 @@ class TeacherWorker:
                                     concurrency=self.cfg.concurrency, max_requests=max_requests)
         self.ctx = FilterContext(self.task, self.cfg.max_output_chars,
                                  self.cfg.reply.min_input_chars, eval_index)
+        # each request seeded by its row (request_seed): a rerun gets the same replies
         self.sampling = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
-                         "max_tokens": self.cfg.max_tokens, "seed": self.cfg.seed}
+                         "max_tokens": self.cfg.max_tokens}
         self.formats = reply_formats(self.task, self.cfg.reply)
         # transform.input: row: the teacher answers the row's text, greedy; a label task's
         # answer is constrained to the label set
-        self.answer_sampling = {"temperature": 0.0, "max_tokens": self.cfg.max_tokens,
-                                "seed": self.cfg.seed}
+        self.answer_sampling = {"temperature": 0.0, "max_tokens": self.cfg.max_tokens}
         if self.task.labels and self.cfg.reply.structured:
             self.answer_sampling["structured_outputs"] = label_choice(self.task)
 
@@ -116,7 +116,8 @@ class TeacherWorker:
             prompts = [transformation_messages(self.task, r, self.cfg.max_value_chars,
                                                variant=zlib.crc32(h["row_key"].encode()))
                        for h, (r, _) in zip(hits, rows)]
-            replies = self.client.chat_many(prompts, **self.sampling, **self.formats["example"])
+            replies = self.client.chat_many(prompts, **self.sampling, **self.formats["example"],
+                                            per_request=self._seeds("example", hits))
         results = [self._result(h, reply, was_cut, given) for h, reply, (_, was_cut), given
                    in zip(hits, replies, rows, inputs)]
         if self.task.labels:  # before annotation: a rationale argues the confirmed label
@@ -124,6 +125,10 @@ class TeacherWorker:
         if self.task.cot == "annotate" and self.cfg.annotate:
             self._annotate([r for r in results if r["status"] == "kept"])
         return pd.DataFrame(results, columns=RESULT_COLUMNS)
+
+    def _seeds(self, kind: str, rows: list[dict[str, Any]]) -> list[dict[str, int]]:
+        """Each row's request seed, from transform.seed, the request's kind and its row key."""
+        return [{"seed": request_seed(self.cfg.seed, kind, r["row_key"])} for r in rows]
 
     def _result(self, hit: dict, reply: Any, was_cut: bool,
                 given_input: str | None) -> dict[str, Any]:
@@ -158,7 +163,8 @@ class TeacherWorker:
         """BalDistill's rationale: the teacher explains the gold answer; a rationale whose own
         final answer disagrees is dropped with its example."""
         prompts = [rationale_messages(self.task, r["input"], r["output"]) for r in kept]
-        replies = self.client.chat_many(prompts, **self.sampling, **self.formats["rationale"])
+        replies = self.client.chat_many(prompts, **self.sampling, **self.formats["rationale"],
+                                        per_request=self._seeds("rationale", kept))
         for r, reply in zip(kept, replies):
             r["requests"] += 0 if isinstance(reply, BudgetExceeded) else 1
             if isinstance(reply, Exception):
