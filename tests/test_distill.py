@@ -95,11 +95,13 @@ def test_ifd_matches_a_direct_computation(ray_cluster):
     inputs = ["short one", "a somewhat longer review of the film and its music",
               "great", "terrible acting, awful plot, and a very long ending that never ends"]
     frame = pd.DataFrame({"example_id": list("wxyz"), "domain": "d", "input": inputs})
+    # float32 on both sides: "auto" is bfloat16 on a CPU with native bfloat16, where a padded
+    # batch and a single row would differ by more than the tolerance
     scored = score_ifd(frame, TINY, None, INSTRUCTION, batch_size=4, max_new_tokens=5,
-                       num_cpus=0.5)
+                       num_cpus=0.5, dtype="float32")
     assert list(scored["example_id"]) == list("wxyz")
 
-    model, tok = load_causal_lm(TINY)
+    model, tok = load_causal_lm(TINY, dtype="float32")
     for row in scored.itertuples():
         prompt = tok.apply_chat_template(student_messages(INSTRUCTION, row.input),
                                          add_generation_prompt=True, tokenize=False)

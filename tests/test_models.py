@@ -66,3 +66,19 @@ def test_unknown_refs():
     with pytest.raises(models.ModelError, match="unknown bundled model"):
         models.resolve("bundled:nope")
     assert models.resolve("org/some-model") == "org/some-model"
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
+    """'auto' picks bfloat16 on CUDA and on CPUs that compute it natively (AVX512-BF16, AMX);
+    on others (AVX2: emulated, 3.3x slower decoding than float32) it picks float32."""
+    import torch
+
+    from rebase_ray.models import torch_dtype
+
+    for avx512_bf16, amx, want in ((False, False, torch.float32), (True, False, torch.bfloat16),
+                                   (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert torch_dtype("auto", "cpu") == want
+    assert torch_dtype("auto", "cuda:0") == torch.bfloat16
+    assert torch_dtype("float32", "cuda:0") == torch.float32

@@ -158,7 +158,7 @@ def train_loop(config: dict) -> None:
     from peft.utils import load_peft_weights
     from transformers import AutoModelForCausalLM
 
-    from rebase_ray.models import resolve, set_torch_threads, torch_dtype
+    from rebase_ray.models import native_bf16, resolve, set_torch_threads
 
     set_torch_threads(config["cpus_per_worker"], config["torch_threads"])
 
@@ -167,8 +167,12 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])
 
+    # the weights train in float32 on a CPU (bfloat16 is autocast, below), bfloat16 on CUDA
     model = AutoModelForCausalLM.from_pretrained(
-        resolve(config["model"]), dtype=torch_dtype("auto", str(device)))
+        resolve(config["model"]),
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    mixed = config["dtype"] == "bfloat16" or (config["dtype"] == "auto"
+                                              and native_bf16(str(device)))
     lora = config["lora"]
     model = get_peft_model(model, LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
@@ -206,7 +210,7 @@ def train_loop(config: dict) -> None:
                                     config["pad_id"])
         # bfloat16: mixed precision, the weights and the optimizer stay in float32
         with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=config["dtype"] == "bfloat16"):
+                            enabled=mixed):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                         labels=labels.to(device))
         optimizer.zero_grad(set_to_none=True)
