@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from rebase_ray.config import EvalSetConfig, S3Config, TaskConfig
+from rebase_ray.formats import split_answer
 from rebase_ray.storage import Storage, StorageError
 
 
@@ -96,7 +97,13 @@ def load_eval_set(task: TaskConfig, s3: S3Config | None = None) -> EvalSet:
 
 
 def fewshot_rows(task: TaskConfig) -> list[dict[str, str]]:
-    """The task's few-shot examples as training examples (ids `fewshot-<i>`, no rationale):
-    what the fewshot baseline trains on, and what the distilled student trains on besides."""
-    return [{"example_id": f"fewshot-{i}", "input": e.input, "output": e.output, "rationale": ""}
-            for i, e in enumerate(task.examples)]
+    """The task's few-shot examples as training examples (ids `fewshot-<i>`): what the fewshot
+    baseline trains on, and what the distilled student trains on besides. With `cot: fewshot`
+    an output carries its rationale ("... so the answer is X"): it is split into the rationale
+    and the final answer, as a generated example's is."""
+    rows = []
+    for i, e in enumerate(task.examples):
+        rationale, output = split_answer(e.output) if task.cot == "fewshot" else ("", e.output)
+        rows.append({"example_id": f"fewshot-{i}", "input": e.input, "output": output,
+                     "rationale": rationale})
+    return rows

@@ -186,6 +186,17 @@ def test_every_stage_verb_prints_only_json_with_json(ray_cluster, tmp_path):
         again = cli("run", str(pipeline), env=env)  # every stage up to date: the tables
         evaluated = json_stdout(cli_end(evaluating))
         assert evaluated["n"] == 4
+    # train rerun on the same --out: the same command finds its run finished and trains
+    # nothing (the summary is the checkpoint's, its train_s to the digit); a larger step
+    # budget resumes from the checkpoint at step 1 instead of starting over
+    train = ["train", str(art / "transform"), "--task", task, "--out", str(tmp_path / "train"),
+             "--config", str(pipeline), "--json"]
+    same = json_stdout(cli(*train, "--max-steps", "1", env=env))
+    assert (same["steps"], same["restarts"]) == (1, 0)
+    assert (same["train_s"], same["loss_curve"]) == (trained["train_s"], trained["loss_curve"])
+    longer = json_stdout(cli(*train, "--max-steps", "2", env=env))
+    assert (longer["steps"], longer["restarts"]) == (2, 1)
+    assert longer["loss_curve"][0] == trained["loss_curve"][0]
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipped (up to date)" in again.stdout
     assert len((again.stdout + again.stderr).splitlines()) < 150

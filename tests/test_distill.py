@@ -323,3 +323,101 @@ def test_label_domains_synthesize_their_own_label_and_reuse_pool_rationales(ray_
     examples = examples[examples["origin"] != "task"]
     assert sorted(examples["output"]) == ["neg", "neg", "pos", "pos"]
     assert (examples["rationale"] != "").all()
+
+
+def test_cot_fewshot_from_transform_to_training_on_s3(ray_cluster, s3_bucket):
+    """cot: fewshot end to end, with every artifact on the S3 server: the few-shot output
+    reasons before its answer ("..., so the answer is pos"). Transform asks for examples that
+    carry their own rationale (schema keys input, rationale, output) and keeps them; distill
+    selects them at no teacher cost (they have their rationale) and trains on them and on the
+    task's example, split into its rationale and its answer, as a generated one is."""
+    import pyarrow as pa
+
+    from rebase_ray.config import TransformConfig
+    from rebase_ray.transform.pipeline import transform
+
+    fewshot = TaskConfig(name="reviews", instruction=INSTRUCTION, labels=["pos", "neg"],
+                         answer="label", cot="fewshot", examples=[FewShot(
+                             input="I loved every minute of it.",
+                             output="The reviewer loved it, so the answer is pos")])
+    moods = {"pos": "happy", "neg": "sad"}
+    hits = [{"task": "reviews", "row_key": f"src/default/train/{i}", "dataset": "src",
+             "config": "default", "split": "train", "row_idx": i, "domain": "chat",
+             "score": 1 - i / 100, "input_score": 0.5, "output_score": 0.5,
+             "dataset_score": 0.5, "rank": i + 1,
+             "row": json.dumps({"text": f"row {i} {label}: {words(500 + i)}"}),
+             "best_input_column": "text", "best_output_column": "text"}
+            for i, label in enumerate(["pos", "neg", "pos", "neg"])]
+
+    def answer(prompt: str) -> str:
+        if prompt.startswith(INSTRUCTION):  # the label check: the input is the last turn
+            return "pos" if "happy" in prompt.rsplit("\n", 1)[1] else "neg"
+        row = re.search(r"row (\d+) (\w+): ([a-z ]+)", prompt)
+        label = row.group(2)
+        return json.dumps({"input": f"A {moods[label]} review: {row.group(3)}",
+                           "rationale": f"The review sounds {moods[label]}.", "output": label})
+
+    st, root = open_storage(f"{s3_bucket}/cot")
+    st.write_parquet(st.join(root, "hits", "hits.parquet"), pa.Table.from_pylist(hits))
+    d, t, e = configs(stages=1, budget=2, domain_from="label")
+    with ReplayTeacher(answer) as teacher:
+        made = transform(fewshot, st.join(root, "hits"), teacher.url, st.join(root, "transform"),
+                         TransformConfig(concurrency=4))
+        asked = teacher.chat_requests()
+        summary = distill(fewshot, st.join(root, "transform"), st.join(root, "distill"), d, t, e,
+                          teacher_url=teacher.url)
+        assert len(teacher.chat_requests()) == len(asked)  # distill asked for nothing
+    schemas = [r["response_format"]["json_schema"]["schema"] for r in asked
+               if "response_format" in r]
+    assert len(schemas) == 4 and all(list(s["properties"]) == ["input", "rationale", "output"]
+                                     for s in schemas)
+    assert made["counts"]["kept"] == 4
+    assert summary["spent"] == 0 and summary["stages"][0]["examples"] == 3
+    trained = st.read_parquet(st.join(root, "distill", "stage-1", "examples.parquet")).to_pandas()
+    own = trained[trained["origin"] == "task"].iloc[0]
+    assert (own["output"], own["domain"]) == ("pos", "pos")
+    assert own["rationale"].startswith("The reviewer loved it")
+    others = trained[trained["origin"] != "task"]
+    assert sorted(others["output"]) == ["neg", "pos"]
+    assert [r.startswith("The review sounds") for r in others["rationale"]] == [True, True]
+    assert summary["final_adapter"].startswith(f"{s3_bucket}/cot/distill/stage-1/train")
+    assert st.exists(st.join(summary["final_adapter"], "adapter_config.json"))
+
+
+MODE_QUOTAS = {
+    # 6 calls a stage over pool sizes 8 / 3 / 1: proportional 4, 1.5, 0.5 → 4, 1, 1 (the unit
+    # left goes to the smaller of the tied remainders)
+    "random": [{"a": 4, "b": 1, "c": 1}, {"a": 4, "b": 1, "c": 1}],
+    # stage 1: ½·2 + ½·(4, 1.5, 0.5) = 3, 1.75, 1.25 → 3, 2, 1; stage 2: balanced, 2 each
+    "adaptive": [{"a": 3, "b": 2, "c": 1}, {"a": 2, "b": 2, "c": 2}]}
+
+
+def rejecting(prompt: str) -> str:
+    """A teacher whose rationales all argue the other label and whose syntheses are not
+    JSON: every call is spent, nothing is kept, so no stage trains (the loop alone runs)."""
+    gold = re.search(r"Correct answer: (\w+)", prompt)
+    if gold:
+        return f"It is the other one.\nAnswer: {'neg' if gold.group(1) == 'pos' else 'pos'}"
+    return "I cannot write that."
+
+
+@pytest.mark.parametrize("mode", list(MODE_QUOTAS))
+def test_random_and_adaptive_quotas_drive_the_stage_loop(ray_cluster, tmp_path, mode):
+    """The other two modes inside the loop: each stage's quotas are the mode's, a domain is
+    head exactly when its unused pool fills its quota, selection plus synthesis fill every
+    quota, and the budget is spent exactly."""
+    with ReplayTeacher(rejecting) as teacher:
+        s = distill(task(), pa_table(pool({"a": 8, "b": 3, "c": 1})), str(tmp_path / "out"),
+                    *configs(mode=mode, evaluate_stages=False, task_examples=False),
+                    teacher_url=teacher.url)
+        calls = len(teacher.chat_requests())
+    for stage, want in enumerate(MODE_QUOTAS[mode], 1):
+        rows = rows_of(s, stage)
+        assert {d: r["quota"] for d, r in rows.items()} == want
+        for r in rows.values():
+            assert r["selected"] + r["synthesized"] == r["quota"]
+            assert r["role"] == ("head" if r["pool_left"] >= r["quota"] else "tail")
+    assert calls == s["spent"] == 12 and s["remaining"] == 0
+    assert {r["role"] for r in s["domains"]} == {"head", "tail"}
+    assert sum(r["kept"] for r in s["stages"]) == 0  # so no stage trained
+    assert all(r["train_steps"] is None for r in s["stages"])

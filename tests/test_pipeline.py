@@ -23,8 +23,9 @@ from rebase_ray.pipeline import run
 TOPICS = ["sport", "business"]
 
 
-def write_project(tmp_path, teacher_url=None, stages=1, baselines=()):
-    """A tiny but complete project: two sources, a task with an eval set, a pipeline."""
+def write_project(tmp_path, teacher_url=None, stages=1, baselines=(), storage_root=None):
+    """A tiny but complete project: two sources, a task with an eval set, a pipeline; its
+    artifacts under `storage_root` (default: tmp_path/artifacts)."""
     data = tmp_path / "data"
     data.mkdir()
     games = ["football", "tennis", "cricket", "rugby", "golf", "hockey"]
@@ -41,7 +42,7 @@ def write_project(tmp_path, teacher_url=None, stages=1, baselines=()):
         ("The champion won the final set.", "sport"),
         ("Shares fell after the results.", "business")]))
     pipeline = {
-        "storage_root": str(tmp_path / "artifacts"),
+        "storage_root": storage_root or str(tmp_path / "artifacts"),
         "sources": [
             {"name": "chat_sports", "path": "data/sports.jsonl",
              "description": "conversations about sports"},
@@ -156,26 +157,35 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
 
 
 @pytest.mark.slow
-def test_run_stops_at_a_stage_that_yields_nothing(ray_cluster, tmp_path):
+def test_run_stops_at_a_stage_that_yields_nothing(ray_cluster, s3_bucket, tmp_path):
     """A teacher whose every reply is unusable: `rebase-ray run` stops right after transform
-    with exit code 2, the reject reasons and what to change; distill never starts."""
+    with exit code 2, the reject reasons and what to change; distill never starts. The run's
+    artifacts are on the S3 server: the datastore is built there, retrieval reads it through
+    the shard actors, transform writes its rejects there."""
     from typer.testing import CliRunner
 
     from rebase_ray.cli import app
+    from rebase_ray.storage import Storage
 
+    root = f"{s3_bucket}/artifacts"
     with ReplayTeacher(lambda prompt: "I cannot help with that.") as teacher:
-        path = write_project(tmp_path, teacher_url=teacher.url)
+        path = write_project(tmp_path, teacher_url=teacher.url, storage_root=root)
         result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 2, result.output
     message = " ".join(result.stderr.split())
     assert "the run stops after transform" in message
     assert "kept 0 of" in message and "unparseable" in message and "teacher.url" in message
-    stages = json.loads((tmp_path / "artifacts" / "run.json").read_text())["stages"]
+    st = Storage.for_uri(root)
+    stages = st.read_json(f"{root}/run.json")["stages"]
     assert set(stages) == {"index", "retrieve", "transform"}
+    assert stages["retrieve"]["summary"]["rows"] == 8
+    assert st.ls(f"{root}/datastore/shards", "shard-*")
+    rejects = st.read_parquet(f"{root}/transform/rejects.parquet").to_pandas()
+    assert len(rejects) == 8 and set(rejects["reason"]) == {"unparseable"}
     # the report of what did run is still written, and the message says where
-    report = tmp_path / "artifacts" / "evaluate" / "report.html"
-    assert report.exists() and "report of the stages that ran" in message
-    assert "stopped after transform" in report.read_text()
+    report = f"{root}/evaluate/report.html"
+    assert st.exists(report) and "report of the stages that ran" in message
+    assert "stopped after transform" in st.read_text(report)
 
 
 @pytest.fixture()

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -83,18 +88,26 @@ def test_rows_keep_their_own_limit_format_and_cancel_flag(tiny):
     assert cancelled.finish_reason == "abort" and cancelled.completion_tokens <= 1
 
 
-def test_lora_adapter_local_and_on_s3(tiny, tmp_path, s3_bucket):
-    from peft import LoraConfig, PeftModel, get_peft_model
+def random_adapter(folder: Path) -> Path:
+    """A peft LoRA adapter for the tiny model, saved to `folder`; init_lora_weights=False:
+    random B matrices, so the adapter really changes the output."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from rebase_ray.models import resolve
 
     base = AutoModelForCausalLM.from_pretrained(resolve(TINY))
-    # init_lora_weights=False: random B matrices, so the adapter really changes the output
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, init_lora_weights=False,
                                                  target_modules=["q_proj", "v_proj"],
                                                  task_type="CAUSAL_LM"))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_lora_adapter_local_and_on_s3(tiny, tmp_path, s3_bucket):
+    from peft import PeftModel
+
+    random_adapter(tmp_path / "adapter")
     uri = f"{s3_bucket}/adapters/a1"
     Storage.for_uri(uri).upload_dir(str(tmp_path / "adapter"), uri)
 
@@ -105,6 +118,54 @@ def test_lora_adapter_local_and_on_s3(tiny, tmp_path, s3_bucket):
     assert isinstance(local.lm.model, PeftModel)
     assert local.generate(CONVS, greedy) != plain
     assert from_s3.generate(CONVS, greedy) == local.generate(CONVS, greedy)
+
+
+@pytest.mark.slow
+def test_serve_student_answers_over_http_with_its_adapter(ray_cluster, tiny, tmp_path):
+    """`rebase-ray serve student --adapter A`: the base model plus the adapter behind the
+    OpenAI API, over real HTTP, until Ctrl+C; its reply is the adapter's (not the base
+    model's), and the summary counts the request. The CLI joins the session's Ray; Serve,
+    which it starts there, is shut down here so that later modules start their own."""
+    import httpx
+    from conftest import free_port
+    from ray import serve
+
+    adapter = random_adapter(tmp_path / "adapter")
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    want = TransformersBackend(TINY, adapter=str(adapter)).generate(CONVS[:1], greedy)[0][0]
+    assert want.text != tiny.generate(CONVS[:1], greedy)[0][0].text
+    serve.shutdown()  # a Serve left running would keep its own port
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", "serve", "student",
+                             "--adapter", str(adapter), "--model", TINY, "--port", str(port),
+                             "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                models = httpx.get(f"{url}/models", timeout=5)
+                if models.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the student was not served in time"
+            time.sleep(0.5)
+        reply = httpx.post(f"{url}/chat/completions", timeout=60, json={
+            "model": models.json()["data"][0]["id"], "messages": CONVS[0], "temperature": 0,
+            "max_tokens": 8}).json()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        serve.shutdown()
+    assert reply["choices"][0]["message"]["content"] == want.text
+    assert reply["usage"]["completion_tokens"] == want.completion_tokens
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out)["metrics"]["requests"] == 1
 
 
 # ----------------------------------------------------------------------------- vLLM

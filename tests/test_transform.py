@@ -240,6 +240,12 @@ def test_real_serve_teacher_tiny_model(ray_cluster, serve_port, tmp_path):
     assert len(replies) + s["counts"]["kept"] > 0  # the schema keeps replies short: not all cut
     for reply in replies:
         jsonschema.validate(json.loads(reply), schema)
+    # the kept ones obey it too (their input stripped of outer spaces): every reply not cut
+    # is checked, kept or rejected
+    ex = st.read_parquet(st.join(out, "examples.parquet")).to_pandas()
+    assert all(0 < len(x) <= 60 for x in ex["input"]) and set(ex["output"]) <= set(TASK.labels)
+    assert sorted([*ex["row_key"], *rej["row_key"]]) == [f"src/default/train/{i}"
+                                                          for i in range(1, 5)]
 
 
 def test_row_input_keeps_the_row_and_the_teacher_only_labels_it(ray_cluster, tmp_path,
