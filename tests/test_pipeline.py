@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -88,10 +87,17 @@ def replay(prompt: str) -> str:
 
 
 @pytest.mark.slow
-def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path):
+def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, s3_bucket, tmp_path):
+    """The whole pipeline with its artifacts on the S3 server, killed after retrieval and
+    resumed: every stage reads and writes there (the datastore, the shard actors' retrieval,
+    transform, distill, the baselines, Ray Train's checkpoints, the report)."""
+    from rebase_ray.storage import Storage
+
+    root = f"{s3_bucket}/artifacts"
+    st = Storage.for_uri(root)
     with ReplayTeacher(replay) as teacher:
         path = write_project(tmp_path, teacher_url=teacher.url,
-                             baselines=("fewshot", "synthetic"))
+                             baselines=("fewshot", "synthetic"), storage_root=root)
         # the run joins the session's Ray (a process starting its own: test_runtime): the kill
         # ends the run's process group, and Ray then ends the job of the killed driver
         env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
@@ -99,11 +105,11 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
         proc = subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", "run", str(path)],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        manifest = tmp_path / "artifacts" / "run.json"
+        manifest = f"{root}/run.json"
         try:
             deadline = time.time() + 400
             while time.time() < deadline:
-                if manifest.exists() and "retrieve" in json.loads(manifest.read_text())["stages"]:
+                if st.exists(manifest) and "retrieve" in st.read_json(manifest)["stages"]:
                     break
                 assert proc.poll() is None, "the run ended before retrieval finished"
                 time.sleep(0.2)
@@ -112,7 +118,7 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the run and every process it started
             proc.wait()
-        assert set(json.loads(manifest.read_text())["stages"]) == {"index", "retrieve"}
+        assert set(st.read_json(manifest)["stages"]) == {"index", "retrieve"}
         calls_before = len(teacher.chat_requests())
 
         summary = run(load_pipeline(path))
@@ -121,21 +127,21 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
                           "transform": "done", "distill": "done", "baselines": "done",
                           "evaluate": "done"}
         assert len(teacher.chat_requests()) > calls_before
-        assert summary["report"].endswith("report.html") and os.path.exists(summary["report"])
+        assert summary["report"] == f"{root}/evaluate/report.html" and st.exists(
+            summary["report"])
         # base, both baselines and the distilled student, side by side per domain
         assert [r["domain"] for r in summary["comparison"]] == [
             "business", "sport", "(macro)", "(micro)"]
         assert set(summary["comparison"][0]) == {"metric", "domain", "base", "fewshot",
                                                  "synthetic", "rebase-ray"}
-        report = json.loads(Path(summary["report"]).with_suffix(".json").read_text())
+        report = st.read_json(f"{root}/evaluate/report.json")
         assert list(report["evaluation"]["runs"]) == ["base", "fewshot", "synthetic", "trained"]
 
         # each baseline trained on what it claims
-        root = tmp_path / "artifacts"
-        stages = json.loads((root / "run.json").read_text())["stages"]
+        stages = st.read_json(manifest)["stages"]
         made = {b["baseline"]: b for b in stages["baselines"]["summary"]["baselines"]}
         assert made["fewshot"]["examples"] == 1  # the task's one few-shot example
-        synth = json.loads((root / "baselines" / "synthetic" / "stats.json").read_text())
+        synth = st.read_json(f"{root}/baselines/synthetic/stats.json")
         transformed = stages["transform"]["summary"]
         assert made["synthetic"]["prompts"] == transformed["counts"]["retrieved"] == 8
         assert made["synthetic"]["request_budget"] == (
@@ -143,10 +149,11 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, tmp_path)
         assert made["synthetic"]["requests"] <= made["synthetic"]["request_budget"]
         assert made["synthetic"]["examples"] == synth["counts"]["kept"] >= 1
         for name in ("fewshot", "synthetic"):
-            trained = json.loads((root / "baselines" / name / "train" /
-                                  "train_summary.json").read_text())
+            trained = st.read_json(f"{root}/baselines/{name}/train/train_summary.json")
             assert made[name]["adapter"] == trained["adapter"]
+            assert made[name]["adapter"].startswith(f"{root}/baselines/{name}/train/")
             assert made[name]["train_steps"] == trained["steps"] >= 1  # max_steps 2, or 1 epoch
+        assert st.ls(f"{root}/distill/stage-1/train/checkpoints", "checkpoint_*")
         hits = [r for r in teacher.chat_requests() if "<record>" not in r["messages"][-1]
                 ["content"] and "Write ONE new example of the task above" in r["messages"][-1]
                 ["content"]]

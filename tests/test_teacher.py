@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,26 +143,34 @@ def test_serve_student_answers_over_http_with_its_adapter(ray_cluster, tiny, tmp
                              "--adapter", str(adapter), "--model", TINY, "--port", str(port),
                              "--json"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
+    # the console's lines, read as they come: Ctrl+C is sent once it says it serves (before,
+    # it would interrupt the start-up, which exits 130 as an interrupted command does)
+    lines: list[str] = []
+
+    def read_console() -> None:
+        for line in proc.stderr:
+            lines.append(line)  # noqa: PERF402 - read while the CLI runs, line by line
+
+    reader = threading.Thread(target=read_console, daemon=True)
+    reader.start()
     try:
         deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            try:
-                models = httpx.get(f"{url}/models", timeout=5)
-                if models.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not any("teacher at" in line for line in lines):
+            assert proc.poll() is None, "".join(lines)[-3000:]
             assert time.time() < deadline, "the student was not served in time"
-            time.sleep(0.5)
+            time.sleep(0.2)
+        url = next(line for line in lines if "teacher at" in line).split()[2]
+        assert url == f"http://127.0.0.1:{port}/v1"
+        model = httpx.get(f"{url}/models", timeout=10).json()["data"][0]["id"]
         reply = httpx.post(f"{url}/chat/completions", timeout=60, json={
-            "model": models.json()["data"][0]["id"], "messages": CONVS[0], "temperature": 0,
-            "max_tokens": 8}).json()
+            "model": model, "messages": CONVS[0], "temperature": 0, "max_tokens": 8}).json()
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        out = proc.stdout.read()  # the summary only: small enough for the pipe
+        reader.join(timeout=10)
         serve.shutdown()
+    err = "".join(lines)
     assert reply["choices"][0]["message"]["content"] == want.text
     assert reply["usage"]["completion_tokens"] == want.completion_tokens
     assert proc.returncode == 0, err[-3000:]
