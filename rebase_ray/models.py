@@ -130,8 +130,8 @@ def pick_device(prefer: str | None = None) -> str:
 
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bfloat16 natively: CUDA, or a CPU with AVX512-BF16 or AMX.
-    Elsewhere (an AVX2 CPU, say) torch emulates it, 3.3x slower than float32 for SmolLM2's
-    decoding on a 2-core AMD EPYC, where AVX512-BF16 made it 1.7x faster than float32."""
+    Elsewhere torch emulates it: SmolLM2's decoding was 3.3x slower than in float32 on a
+    2-core AVX2 AMD EPYC, and 1.7x faster than float32 on an AVX512-BF16 CPU."""
     import torch
 
     if device.startswith("cuda"):
