@@ -87,6 +87,10 @@ class EvalSetConfig(Strict):
 
 
 Answer = Literal["label", "span", "free", "code"]
+# inference precision (teacher, IFD, evaluation); models.torch_dtype resolves "auto"
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AUTO_DTYPE = ("auto: bfloat16 where the device computes it natively (CUDA, a CPU with "
+              "AVX512-BF16 or AMX), else float32")
 
 
 class TaskConfig(Strict):
@@ -219,9 +223,7 @@ class TeacherConfig(Strict):
     model: str = "bundled:smollm2-135m-instruct"
     url: str | None = Field(default=None, description="an OpenAI-compatible base URL to use")
     api_key: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto: bfloat16 where the device computes it natively "
-        "(CUDA, a CPU with AVX512-BF16 or AMX), else float32")
+    dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     adapter: str | None = Field(
         default=None, description="a peft LoRA adapter (local path or s3:// URI) on top of model")
     served_model_name: str | None = Field(default=None, description="default: the model ref")
@@ -315,9 +317,7 @@ class DistillConfig(Strict):
     ifd_num_gpus: float = Field(default=0, ge=0)
     ifd_torch_threads: int | None = Field(
         default=None, gt=0, description="torch threads per IFD actor; None: its CPUs")
-    ifd_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto: bfloat16 where the device computes it natively "
-        "(CUDA, a CPU with AVX512-BF16 or AMX), else float32")
+    ifd_dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_tokens: int = Field(default=384, gt=0, description="teacher reply length")
@@ -374,7 +374,7 @@ class TrainConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="float32", description="bfloat16: mixed precision (autocast; weights and "
         "optimizer in float32), about 1.5x faster steps on a CPU with AVX512-BF16 or a GPU; "
-        "auto: bfloat16 where the device computes it natively, else float32")
+        + AUTO_DTYPE)
     rationale: Literal["multitask", "inline"] = Field(
         default="multitask", description="how an example's rationale is learned: multitask — "
         "the plain prompt → the answer, plus the prompt asking for an explanation → rationale "
@@ -395,9 +395,7 @@ class EvaluateConfig(Strict):
     num_gpus_per_actor: float = Field(default=0, ge=0)
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch threads per actor; None: its CPUs rounded up")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto: bfloat16 where the device computes it natively "
-        "(CUDA, a CPU with AVX512-BF16 or AMX), else float32")
+    dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     max_examples: int | None = Field(default=None, gt=0)
     code_timeout_s: float = Field(default=10, gt=0)
     code_memory_mb: int = Field(default=512, gt=0)

@@ -60,10 +60,11 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
     Returns {'task', 'metric', 'keys', 'model', 'adapter', 'n', 'runs': {run: {'domains',
     'macro', 'micro'}}, 'predictions': [{input, output, domain, <run>: {prediction, answer,
     scores}}], 'seconds', 'examples_per_s'}; `keys[0]` is the primary score (`METRIC_KEYS`).
-    Runs: 'base' (the model without any adapter; present without an adapter, or with
-    `cfg.baseline`), 'trained' (`adapter`) and one per entry of `baselines` ({name: adapter
-    URI}, e.g. students trained on other data; None: a student that had nothing to train on,
-    which is the base model and gets the base's answers), all answered in one pass.
+    Runs: 'base' (the model without any adapter; present without an adapter, with
+    `cfg.baseline`, or with an untrained baseline), 'trained' (`adapter`) and one per entry of
+    `baselines` ({name: adapter URI}, e.g. students trained on other data; None: a student
+    that had nothing to train on, which is the base model and gets the base's answers), all
+    answered in one pass.
     """
     if cfg.max_examples:
         records = records[: cfg.max_examples]
