@@ -1,11 +1,13 @@
 """Batched generation (optionally grammar-constrained) and batched log-likelihood: the one place
 the teacher backend, evaluation and IFD run a causal LM.
 
-- `generate(lm, prompts, ...)`: rendered prompts → completions, one `model.generate` call with
-  left padding. Per row: its own `max_new_tokens`, its own compiled grammar or none (a batch may
-  mix schemas and free rows), and an optional `cancelled()` callable that stops that row early
-  (a request that timed out or whose client went away). finish_reason is "stop" (end of
-  sequence or a stop string), "length" (cut by its max_new_tokens) or "abort" (cancelled).
+- `generate(lm, prompts, ...)`: rendered prompts → completions, decoded together. The prefix
+  that a batch's prompts share is run once and its KV cache repeated for every row, and a row
+  leaves the batch as soon as it ends. Per row: its own `max_new_tokens`, its own compiled
+  grammar or none (a batch may mix schemas and free rows), and an optional `cancelled()`
+  callable that stops that row early (a request that timed out or whose client went away).
+  finish_reason is "stop" (end of sequence or a stop string), "length" (cut by its
+  max_new_tokens) or "abort" (cancelled).
 - `loglikelihood(lm, contexts, continuations)`: log P(continuation | context) summed over the
   continuation's tokens, batched with right padding — lm-evaluation-harness's `loglikelihood`
   (the continuation's tokens are those of context + continuation after the context's).
@@ -15,9 +17,10 @@ the teacher backend, evaluation and IFD run a causal LM.
 - `Grammars`: xgrammar compilation per tokenizer, each schema compiled once (cached), with a
   check that names any JSON-schema feature xgrammar would silently ignore.
 
-xgrammar masks logits on CPU through `GrammarMask`, a transformers LogitsProcessor built on
-xgrammar's matcher and bitmask primitives: unlike `xgrammar.contrib.hf.LogitsProcessor`, it
-leaves rows without a grammar unmasked, so one batch serves constrained and free requests.
+xgrammar masks logits on CPU through `GrammarMask`, built on xgrammar's matcher and bitmask
+primitives: unlike `xgrammar.contrib.hf.LogitsProcessor`, it leaves rows without a grammar
+unmasked, so one batch serves constrained and free requests, and it follows the rows that are
+still in the batch.
 """
 
 from __future__ import annotations
@@ -147,72 +150,51 @@ class Grammars:
 
 
 def _grammar_mask_class():
-    """GrammarMask subclasses transformers' LogitsProcessor, imported on first use."""
+    """GrammarMask, built on xgrammar, imported on first use."""
     import torch
     import xgrammar as xgr
-    from transformers import LogitsProcessor
 
-    class GrammarMask(LogitsProcessor):
-        """Per-row xgrammar matchers; rows whose grammar is None are not masked."""
+    class GrammarMask:
+        """Per-row xgrammar matchers over the original rows; rows whose grammar is None are
+        not masked. `mask(active, scores)` masks the scores of the rows now in the batch (row
+        `active[b]` in batch position b); `accept(row, token)` advances a row's matcher."""
 
         def __init__(self, grammars: list[Any], vocab_size: int, banned: list[int]):
             self.matchers = [None if g is None else xgr.GrammarMatcher(g) for g in grammars]
-            self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
             self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
             self.banned = torch.tensor(banned, dtype=torch.long)
-            self.first = True
 
-        def __call__(self, input_ids, scores):
-            if not self.first:
-                last = input_ids[:, -1].tolist()
-                for i in self.rows:
-                    if not self.matchers[i].is_terminated():
-                        self.matchers[i].accept_token(last[i])
-            self.first = False
-            active = [i for i in self.rows if not self.matchers[i].is_terminated()]
-            if not active:
+        def accept(self, row: int, token: int) -> None:
+            m = self.matchers[row]
+            if m is not None and not m.is_terminated():
+                m.accept_token(token)
+
+        def mask(self, active: list[int], scores):
+            batch = [b for b, r in enumerate(active)
+                     if self.matchers[r] is not None and not self.matchers[r].is_terminated()]
+            if not batch:
                 return scores
-            for i in active:
-                self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
-            scores = scores.float() if scores.dtype != torch.float32 else scores
-            xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device),
-                                            indices=active)
-            rows = torch.tensor(active, device=scores.device)
+            for b in batch:
+                self.matchers[active[b]].fill_next_token_bitmask(self.bitmask, b)
+            xgr.apply_token_bitmask_inplace(scores, self.bitmask[: len(active)].to(scores.device),
+                                            indices=batch)
+            rows = torch.tensor(batch, device=scores.device)
             scores[rows.unsqueeze(1), self.banned.to(scores.device)] = float("-inf")
             return scores
 
     return GrammarMask
 
 
-def _row_stop_class():
-    import torch
-    from transformers import StoppingCriteria
-
-    class RowStop(StoppingCriteria):
-        """Stops row r once it has `limits[r]` new tokens or `cancelled[r]()` is true."""
-
-        def __init__(self, prompt_len: int, limits: list[int],
-                     cancelled: list[Callable[[], bool] | None]):
-            self.prompt_len, self.limits, self.cancelled = prompt_len, limits, cancelled
-
-        def __call__(self, input_ids, scores, **kwargs):
-            new = input_ids.shape[1] - self.prompt_len
-            done = [new >= lim or bool(c and c()) for lim, c in zip(self.limits, self.cancelled)]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return RowStop
-
-
 def _seeded_sampler_class():
     import torch
-    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    class SeededSampler(LogitsProcessor):
+    class SeededSampler:
         """Sampling with one random stream per row (the Gumbel-max trick): the warped logits
-        plus Gumbel noise drawn from the row's own generator, so that greedy decoding of the
-        result samples from softmax(logits / temperature) cut to top_p. A row's sample depends
-        on its prompt and its seed only, not on the rows batched with it; a row without a seed
-        draws its generator's seed from torch's global RNG."""
+        plus Gumbel noise drawn from the row's own generator, so that the argmax of the result
+        samples from softmax(logits / temperature) cut to top_p. A row's sample depends on its
+        prompt and its seed only, not on the rows batched with it; a row without a seed draws
+        its generator's seed from torch's global RNG."""
 
         def __init__(self, temperature: float, top_p: float, seeds: list[int | None]):
             self.warpers = [TemperatureLogitsWarper(temperature)]
@@ -221,13 +203,13 @@ def _seeded_sampler_class():
             self.generators = [torch.Generator().manual_seed(
                 int(torch.randint(2**62, ())) if s is None else s) for s in seeds]
 
-        def __call__(self, input_ids, scores):
+        def __call__(self, active: list[int], scores):
             for warp in self.warpers:
-                scores = warp(input_ids, scores)
-            uniform = torch.stack([torch.rand(scores.shape[1], generator=g)
-                                   for g in self.generators]).to(scores.device)
+                scores = warp(None, scores)
+            uniform = torch.stack([torch.rand(scores.shape[1], generator=self.generators[r])
+                                   for r in active]).to(scores.device)
             gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
-            return scores.float() + gumbel
+            return scores + gumbel
 
     return SeededSampler
 
@@ -240,6 +222,20 @@ class Generated:
     finish_reason: str  # "stop" | "length" | "abort"
 
 
+def _cache_arg(model) -> str:
+    """The forward keyword that takes a KV cache: `cache` since transformers 5.x renamed it
+    (`past_key_values` is deprecated there), `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(output) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class LM:
     """A causal LM and its tokenizer, ready for batched generation and scoring."""
 
@@ -250,6 +246,7 @@ class LM:
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.pad_id = tokenizer.pad_token_id
+        self.cache_arg = _cache_arg(model)
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
 
@@ -290,61 +287,140 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int | Sequence[int],
              constraints: Sequence[Constraint | None] | None = None,
              cancelled: Sequence[Callable[[], bool] | None] | None = None,
              ) -> list[list[Generated]]:
-    """`n` completions per rendered prompt, in one batched `generate` call.
+    """`n` completions per rendered prompt, decoded together (`_decode`).
 
     `max_new_tokens` is one limit or one per prompt; `seeds`, `constraints` and `cancelled` one
     per prompt: a prompt's k-th completion samples with seed + k (None: unseeded), whatever
     else is in the batch; a constraint None is free text; `cancelled` is polled after every
     token. Greedy decoding (temperature 0) decodes once and repeats the answer n times."""
-    import torch
-
     if not prompts:
         return []
-    tok, model = lm.tokenizer, lm.model
     limits = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int)
               else [int(m) for m in max_new_tokens])
     sample = temperature > 0
     per_prompt = n if sample else 1
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
-    # one row per completion (what num_return_sequences does, which greedy search refuses)
-    enc = {k: v.repeat_interleave(per_prompt, dim=0).to(model.device) for k, v in enc.items()}
-    prompt_len = enc["input_ids"].shape[1]
 
     def rows(values: Sequence[Any] | None) -> list[Any]:
+        """One value per decoded row: a prompt's completions are consecutive rows."""
         values = list(values) if values is not None else [None] * len(prompts)
         return [v for v in values for _ in range(per_prompt)]
 
-    row_cancel = rows(cancelled)
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max(limits), "do_sample": False, "pad_token_id": lm.pad_id,
-        "logits_processor": [],
-        "stopping_criteria": [_row_stop_class()(prompt_len, rows(limits), row_cancel)]}
-    if sample:  # greedy decoding of Gumbel-perturbed logits: one seeded stream per row
-        # (generation_config's own sampling fields would only be ignored, with a warning)
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=tok)
+    ids = lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    grammar = sampler = None
     if constraints is not None and any(c is not None for c in constraints):
-        grammars = [None if c is None else lm.grammars.compile(c) for c in rows(constraints)]
-        kwargs["logits_processor"].append(_grammar_mask_class()(
-            grammars, model.config.vocab_size, lm.grammars.control_tokens))
+        grammar = _grammar_mask_class()(
+            [None if c is None else lm.grammars.compile(c) for c in rows(constraints)],
+            lm.model.config.vocab_size, lm.grammars.control_tokens)
     if sample:  # after the grammar mask: the noise never revives a masked token
         row_seeds = [None if s is None else s + k
                      for s in (seeds if seeds is not None else [None] * len(prompts))
                      for k in range(per_prompt)]
-        kwargs["logits_processor"].append(_seeded_sampler_class()(temperature, top_p,
-                                                                  row_seeds))
-    with torch.inference_mode():
-        out = model.generate(**enc, **kwargs)
-    new_tokens = out[:, prompt_len:].tolist()
+        sampler = _seeded_sampler_class()(temperature, top_p, row_seeds)
+    row_cancel = rows(cancelled)
+    new_tokens = _decode(lm, rows(ids), rows(limits), grammar, sampler, row_cancel, stop)
     results: list[list[Generated]] = []
-    for i, p_len in enumerate(prompt_tokens):
-        comps = [_completion(lm, new_tokens[r], int(p_len), limits[i], stop,
-                             row_cancel[r]) for r in range(i * per_prompt, (i + 1) * per_prompt)]
+    for i, prompt in enumerate(ids):
+        comps = [_completion(lm, new_tokens[r], len(prompt), limits[i], stop, row_cancel[r])
+                 for r in range(i * per_prompt, (i + 1) * per_prompt)]
         results.append(comps if sample else comps * n)
     return results
+
+
+def _decode(lm: LM, rows: list[list[int]], limits: list[int], grammar: Any, sampler: Any,
+            cancelled: list[Callable[[], bool] | None], stop: Sequence[str]) -> list[list[int]]:
+    """The new tokens of each row: one forward pass per step over the rows still decoding.
+    A row leaves the batch (and its part of the KV cache is dropped) as soon as it ends: an
+    end-of-sequence token, its limit, a stop string, or `cancelled`. transformers' `generate`
+    runs every row until the batch's last one ends; a batch of structured replies, whose
+    lengths vary a lot, would then spend most of its steps on rows that are done."""
+    import torch
+
+    model, device = lm.model, lm.model.device
+    ids, mask, shared, cache = _padded_with_prefix_cache(lm, rows)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step_ids, step_pos = ids[:, shared:], positions[:, shared:]
+    active = list(range(len(rows)))  # the row in each batch position
+    out: list[list[int]] = [[] for _ in rows]
+    with torch.inference_mode():
+        while True:
+            step = model(input_ids=step_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=step_pos.to(device), use_cache=True, logits_to_keep=1,
+                         **{lm.cache_arg: cache})
+            cache, scores = _cache_of(step), step.logits[:, -1].float()
+            if grammar is not None:
+                scores = grammar.mask(active, scores)
+            if sampler is not None:
+                scores = sampler(active, scores)
+            chosen = scores.argmax(-1).tolist()
+            keep = []
+            for b, (r, t) in enumerate(zip(active, chosen)):
+                out[r].append(t)
+                if grammar is not None:
+                    grammar.accept(r, t)
+                ended = (t in lm.eos_ids or len(out[r]) >= limits[r]
+                         or bool(cancelled[r] and cancelled[r]())
+                         or bool(stop and _has_stop(lm, out[r], stop)))
+                if not ended:
+                    keep.append(b)
+            if not keep:
+                return out
+            if len(keep) < len(active):
+                index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(index.to(device))
+                mask, step_pos = mask[index], step_pos[index]
+                active = [active[b] for b in keep]
+            step_ids = torch.tensor([[chosen[b]] for b in keep], dtype=torch.long)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+
+
+def _has_stop(lm: LM, tokens: list[int], stop: Sequence[str]) -> bool:
+    text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+    return any(s in text for s in stop)
+
+
+MIN_SHARED_PREFIX = 32  # tokens: below this, computing a prefix once saves little
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens every row shares."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for r in rows[1:]:
+        n = next((j for j in range(n) if r[j] != first[j]), n)
+    return n
+
+
+def _padded_with_prefix_cache(lm: LM, rows: list[list[int]]) -> tuple[Any, Any, int, Any]:
+    """The batch's input ids and attention mask (on CPU), the length of the prefix all rows
+    share, and that prefix's KV cache (None, and length 0, when shorter than
+    MIN_SHARED_PREFIX tokens or for one row). Each row is laid out as
+    [shared prefix][padding][its own suffix], the mask 0 on the padding: the model's positions,
+    counted from the mask as `generate` does, are those of the unpadded row, and the prefix's
+    keys and values, computed once for one row and repeated, are those of every row. Without a
+    shared prefix this is left padding. The prompt part of a batch of ReBase requests is mostly
+    the same instruction, examples and schema, so its prefill runs about once, not per row."""
+    import torch
+
+    model = lm.model
+    shared = common_prefix_len(rows) if len(rows) > 1 else 0
+    shared = min(shared, min(len(r) for r in rows) - 1)  # every row keeps a token to run
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), lm.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :shared] = torch.tensor(r[:shared], dtype=torch.long)
+        ids[i, width - len(r) + shared:] = torch.tensor(r[shared:], dtype=torch.long)
+        mask[i, :shared] = 1
+        mask[i, width - len(r) + shared:] = 1
+    cache = None
+    if shared:
+        with torch.inference_mode():
+            cache = _cache_of(model(input_ids=ids[:1, :shared].to(model.device),
+                                    use_cache=True, logits_to_keep=1))
+        cache.batch_repeat_interleave(len(rows))
+    return ids, mask, shared, cache
 
 
 def _completion(lm: LM, tokens: list[int], prompt_tokens: int, limit: int, stop: Sequence[str],
@@ -466,14 +542,14 @@ def _shared_prefix_scores(lm: LM, chunk: list[tuple[int, list[int], list[list[in
     device = model.device
     with torch.inference_mode():
         first = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                      position_ids=positions.to(device), use_cache=True)
-        cache = first.past_key_values
+                      position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        cache = _cache_of(first)
         cache.batch_repeat_interleave(k)
         rest = model(input_ids=cont.to(device),
                      attention_mask=torch.cat([mask.repeat_interleave(k, 0), cont_mask],
                                               -1).to(device),
                      position_ids=(lengths.unsqueeze(1) + torch.arange(width)).to(device),
-                     past_key_values=cache, use_cache=True).logits.float().cpu()
+                     use_cache=True, **{lm.cache_arg: cache}).logits.float().cpu()
     # the first choice token is predicted by the context's last position, token j by j-1
     last = first.logits[:, -1:].float().cpu().repeat_interleave(k, 0)
     logits = torch.cat([last, rest[:, :-1]], dim=1)

@@ -26,7 +26,9 @@ SCHEMA = {"type": "object", "properties": {
 
 @pytest.fixture(scope="module")
 def lm():
-    return LM.load(TINY)
+    # float32: these tests compare batched results with unbatched ones; in bfloat16 (what
+    # "auto" picks on a CPU with native bf16) padding alone moves log-likelihoods by 1e-3
+    return LM.load(TINY, dtype="float32")
 
 
 def test_mixed_batch_each_row_its_own_constraint_and_limit(lm):
@@ -78,7 +80,7 @@ def test_seeded_sampler_draws_from_the_warped_softmax():
     draws = 4000
     for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.8)):
         sampler = _seeded_sampler_class()(temperature, top_p, list(range(draws)))
-        picks = sampler(None, logits.repeat(draws, 1)).argmax(dim=1)
+        picks = sampler(list(range(draws)), logits.repeat(draws, 1)).argmax(dim=1)
         freq = torch.bincount(picks, minlength=4).float() / draws
         want = torch.softmax(logits[0] / temperature, dim=0)
         if top_p < 1:  # the smallest set of tokens with mass >= 0.8: the first two
@@ -123,3 +125,49 @@ def test_choice_loglikelihood_equals_pairwise_loglikelihood(lm):
         for got, want in zip([x for row in shared for x in row], pairwise):
             assert got[1] == want[1]
             assert got[0] == pytest.approx(want[0], abs=1e-4)
+
+
+def test_shared_prefix_and_early_finish_decode_as_each_prompt_alone(lm):
+    """Prompts sharing a long system prompt (its KV cache computed once and repeated) with
+    suffixes of different lengths, rows ending at different steps (leaving the batch): each
+    row's greedy tokens are those of transformers' own `generate` on that prompt alone."""
+    import torch
+
+    from rebase_ray.generation import MIN_SHARED_PREFIX, common_prefix_len
+
+    system = "You turn rows into task examples. Answer with one JSON object. " * 4
+    prompts = [lm.render([{"role": "system", "content": system},
+                          {"role": "user", "content": text}])
+               for text in ("Hi", "Classify: the match ended two all after extra time.",
+                            "Write a long story about a castle by the sea.")]
+    ids = lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert common_prefix_len(ids) >= MIN_SHARED_PREFIX
+    limits = [3, 17, 30]
+    batched = generate(lm, prompts, max_new_tokens=limits)
+    for prompt, limit, got in zip(ids, limits, batched):
+        with torch.inference_mode():
+            ref = lm.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(
+                1, len(prompt), dtype=torch.long), max_new_tokens=limit, do_sample=False,
+                pad_token_id=lm.pad_id)[0, len(prompt):].tolist()
+        assert got[0].completion_tokens == len(ref) == limit
+        assert got[0].text == lm.tokenizer.decode(ref, skip_special_tokens=True)
+        assert got[0].prompt_tokens == len(prompt)
+
+
+def test_stop_string_ends_its_row_only(lm):
+    prompts = [lm.render([{"role": "user", "content": f"Tell me about {t}."}])
+               for t in ("rivers", "mountains")]
+    # sampled: greedy decoding of the random model repeats one token
+    kw = {"max_new_tokens": 24, "temperature": 1.0, "seeds": [3, 4]}
+    free = generate(lm, prompts, **kw)
+    text = free[0][0].text
+    # a stop string first seen past the first third of row 0's text, absent from row 1's
+    at = next(j for j in range(len(text) // 3, len(text) - 2)
+              if text[j:j + 2].strip() and text.index(text[j:j + 2]) == j
+              and text[j:j + 2] not in free[1][0].text)
+    stop = text[at:at + 2]
+    cut = generate(lm, prompts, stop=[stop], **kw)
+    assert cut[0][0].finish_reason == "stop"
+    assert cut[0][0].text == text[:at]
+    assert cut[0][0].completion_tokens < free[0][0].completion_tokens
+    assert cut[1][0].text == free[1][0].text  # the other row runs on to its limit
