@@ -5,7 +5,10 @@ Both runs go through the same HTTP path and the same TeacherClient: the batched 
 (max_batch_size = --batch, all prompts in flight) and an app with max_batch_size 1 and no
 batch wait, sent one request at a time. The one-at-a-time baseline answers only the first
 --baseline-prompts prompts (a rate does not need all 64, and at ~14 tokens/s on 2 CPU cores
-64 × 64 tokens would take 5 minutes). Writes benchmarks/results/teacher_throughput.json.
+64 × 64 tokens would take 5 minutes). The batched app then answers the same prompts again
+with a JSON schema as `response_format` (grammar-constrained decoding): the ratio of the free
+run's tokens/s to the constrained run's is the constrained-decoding overhead. Writes
+benchmarks/results/teacher_throughput.json.
 
     .venv/bin/python benchmarks/teacher_throughput.py            # SmolLM2, 64 prompts × 64 tokens
     .venv/bin/python benchmarks/teacher_throughput.py --quick    # tiny random model, smaller
@@ -36,23 +39,39 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
                                          f" (number {i})."}] for i in range(n)]
 
 
-def run(cfg: TeacherConfig, conversations, concurrency: int, max_tokens: int) -> dict:
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "minLength": 1, "maxLength": 60},
+    "paragraph": {"type": "string", "minLength": 1}},
+    "required": ["title", "paragraph"], "additionalProperties": False}
+CONSTRAINED = {"response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "paragraph", "schema": SCHEMA}}}
+
+
+def run(cfg: TeacherConfig, conversations, concurrency: int, max_tokens: int,
+        passes: dict[str, dict]) -> dict[str, dict]:
+    """One app; each pass sends all `conversations` with its extra request fields."""
+    out = {}
     with local_teacher(cfg, name=f"bench-{cfg.max_batch_size}") as url:
-        client = TeacherClient(url, concurrency=concurrency, timeout_s=1800, max_retries=0)
-        client.chat_many(conversations[:1], max_tokens=4, temperature=0)  # warm-up
-        warm = client.stats.completion_tokens
-        start = time.perf_counter()
-        results = client.chat_many(conversations, max_tokens=max_tokens, temperature=0)
-        wall = time.perf_counter() - start
-        failed = [r for r in results if isinstance(r, Exception)]
-        if failed:
-            raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]!r}")
-        server = client.server_metrics()
-    tokens = client.stats.completion_tokens - warm
-    return {"prompts": len(conversations), "completion_tokens": tokens, "wall_s": round(wall, 2),
-            "tokens_per_s": round(tokens / wall, 2), "batch_size_max": server["batch_size_max"],
-            "batch_size_mean": round(server["batch_size_mean"], 2),
-            "queue_s_mean": round(server["queue_s_mean"], 3)}
+        for name, extra in passes.items():
+            client = TeacherClient(url, concurrency=concurrency, timeout_s=1800, max_retries=0)
+            client.chat_many(conversations[:1], max_tokens=4, temperature=0, **extra)  # warm-up
+            warm, before = client.stats.completion_tokens, client.server_metrics()
+            start = time.perf_counter()
+            results = client.chat_many(conversations, max_tokens=max_tokens, temperature=0,
+                                       **extra)
+            wall = time.perf_counter() - start
+            failed = [r for r in results if isinstance(r, Exception)]
+            if failed:
+                raise RuntimeError(f"{len(failed)} requests failed, first: {failed[0]!r}")
+            server = client.server_metrics()
+            tokens = client.stats.completion_tokens - warm
+            batches = server["batches"] - before["batches"]
+            out[name] = {"prompts": len(conversations), "completion_tokens": tokens,
+                         "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
+                         "batches": batches,
+                         "batch_size_mean": round(len(conversations) / max(batches, 1), 2),
+                         "truncated": client.stats.truncated}
+    return out
 
 
 def main() -> None:
@@ -73,19 +92,24 @@ def main() -> None:
 
     batched = run(TeacherConfig(model=model, dtype=args.dtype, max_batch_size=args.batch,
                                 batch_wait_timeout_s=0.5, serve=serve),
-                  conversations, concurrency=n, max_tokens=args.max_tokens)
+                  conversations, concurrency=n, max_tokens=args.max_tokens,
+                  passes={"free": {}, "constrained": CONSTRAINED})
     single = run(TeacherConfig(model=model, dtype=args.dtype, max_batch_size=1,
                                batch_wait_timeout_s=0, serve=serve),
-                 conversations[:args.baseline_prompts], concurrency=1, max_tokens=args.max_tokens)
-    ratio = batched["tokens_per_s"] / single["tokens_per_s"]
+                 conversations[:args.baseline_prompts], concurrency=1,
+                 max_tokens=args.max_tokens, passes={"free": {}})["free"]
+    ratio = batched["free"]["tokens_per_s"] / single["tokens_per_s"]
+    overhead = batched["free"]["tokens_per_s"] / batched["constrained"]["tokens_per_s"]
     result = {"model": model, "dtype": args.dtype, "cpus": cpus, "max_tokens": args.max_tokens,
-              "max_batch_size": args.batch, "batched": batched, "one_at_a_time": single,
-              "ratio": round(ratio, 2)}
+              "max_batch_size": args.batch, "batched": batched["free"],
+              "batched_constrained": batched["constrained"], "one_at_a_time": single,
+              "ratio": round(ratio, 2), "constrained_overhead": round(overhead, 2)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"batched {batched['tokens_per_s']} tokens/s vs one at a time "
-          f"{single['tokens_per_s']} tokens/s: {ratio:.2f}x (goal >= 4x)")
+    print(f"batched {batched['free']['tokens_per_s']} tokens/s vs one at a time "
+          f"{single['tokens_per_s']} tokens/s: {ratio:.2f}x (goal >= 4x); constrained "
+          f"{batched['constrained']['tokens_per_s']} tokens/s: overhead {overhead:.2f}x")
     ray.shutdown()
 
 
