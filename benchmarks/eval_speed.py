@@ -1,0 +1,80 @@
+"""Evaluation speed: examples/s of the base SmolLM2-135M-Instruct on SNLI dev for the
+log-likelihood metric (`acc`: the three labels ranked after the prompt) and the generative one
+(`gen_strict` / `gen_flexible`: a greedy reply, then the labels ranked too), with one actor
+that loads the model once, against the fixed cost every evaluation pays (Ray Data start-up,
+the actor and its model load: an evaluation of one example), in the same run.
+
+    .venv/bin/python benchmarks/eval_speed.py [--n 100] [--max-new-tokens 16]
+
+Data: ../shared/data/tasks/snli_sample (dev rows). Prints and writes
+benchmarks/results/eval_speed.json: seconds and examples/s per metric, and the throughput net
+of the fixed cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from eval_fairness import snli
+
+RESULTS = Path(__file__).resolve().parent / "results" / "eval_speed.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100, help="SNLI dev rows")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    args = ap.parse_args()
+
+    from rebase_ray.config import EvaluateConfig, FewShot, TaskConfig
+    from rebase_ray.evaluate import evaluate
+    from rebase_ray.models import SMOLLM2
+    from rebase_ray.runtime import init_ray
+
+    task = TaskConfig(
+        name="snli", answer="label", labels=["entailment", "neutral", "contradiction"],
+        instruction="Does the premise entail the hypothesis? Answer entailment, neutral or "
+                    "contradiction.",
+        examples=[FewShot(input="Premise: A man sleeps.\nHypothesis: A person rests.",
+                          output="entailment")])
+    records = snli(args.n)
+    t0 = time.perf_counter()
+    init_ray()
+    ray_start = time.perf_counter() - t0
+    threads = os.cpu_count() or 2
+    result = {"model": SMOLLM2, "n": len(records), "cpus": threads, "ray_start_s":
+              round(ray_start, 2), "runs": {}}
+    for name, generative, rows in (("fixed_cost", False, records[:1]),
+                                   ("loglikelihood", False, records),
+                                   ("generative", True, records)):
+        cfg = EvaluateConfig(batch_size=16, max_new_tokens=args.max_new_tokens,
+                             torch_threads=threads, num_cpus_per_actor=1,
+                             generative=generative)
+        start = time.perf_counter()
+        r = evaluate(task, rows, SMOLLM2, None, cfg)
+        wall = time.perf_counter() - start
+        result["runs"][name] = {"examples": len(rows), "wall_s": round(wall, 2),
+                                "examples_per_s": round(len(rows) / wall, 3),
+                                "micro": r["runs"]["base"]["micro"]}
+    fixed = result["runs"]["fixed_cost"]["wall_s"]
+    for name in ("loglikelihood", "generative"):
+        run = result["runs"][name]
+        run["examples_per_s_net_of_fixed_cost"] = round(
+            run["examples"] / max(run["wall_s"] - fixed, 1e-9), 3)
+    result["load_avg"] = os.getloadavg()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    for name in ("loglikelihood", "generative"):
+        run = result["runs"][name]
+        print(f"{name}: {run['examples']} examples in {run['wall_s']} s = "
+              f"{run['examples_per_s']} examples/s ({run['examples_per_s_net_of_fixed_cost']} "
+              f"net of the {fixed} s fixed cost)")
+
+
+if __name__ == "__main__":
+    main()
