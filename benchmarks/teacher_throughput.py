@@ -58,7 +58,8 @@ def run(cfg: TeacherConfig, conversations, concurrency: int, max_tokens: int,
         for name, extra in passes.items():
             client = TeacherClient(url, concurrency=concurrency, timeout_s=1800, max_retries=0)
             client.chat_many(conversations[:1], max_tokens=4, temperature=0, **extra)  # warm-up
-            warm, before = client.stats.completion_tokens, client.server_metrics()
+            warm, cut = client.stats.completion_tokens, client.stats.truncated
+            before = client.server_metrics()
             start = time.perf_counter()
             results = client.chat_many(conversations, max_tokens=max_tokens, temperature=0,
                                        **extra)
@@ -73,7 +74,7 @@ def run(cfg: TeacherConfig, conversations, concurrency: int, max_tokens: int,
                          "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
                          "batches": batches,
                          "batch_size_mean": round(len(conversations) / max(batches, 1), 2),
-                         "truncated": client.stats.truncated}
+                         "truncated": client.stats.truncated - cut}
     return out
 
 
@@ -106,7 +107,8 @@ def main() -> None:
     result = {"model": model, "dtype": args.dtype, "cpus": cpus, "max_tokens": args.max_tokens,
               "max_batch_size": args.batch, "batched": batched["free"],
               "batched_constrained": batched["constrained"], "one_at_a_time": single,
-              "ratio": round(ratio, 2), "constrained_overhead": round(overhead, 2)}
+              "ratio": round(ratio, 2), "constrained_overhead": round(overhead, 2),
+              "load_avg": os.getloadavg()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
