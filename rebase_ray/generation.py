@@ -429,7 +429,8 @@ def _completion(lm: LM, tokens: list[int], prompt_tokens: int, limit: int, stop:
     count, ended = min(len(tokens), limit), False
     for j, t in enumerate(tokens[:limit]):
         if t in lm.eos_ids or t == lm.pad_id:
-            # a cancelled row is padded (the pad may be the EOS token): the pad is not its own
+            # the reply ends at an end-of-sequence or pad token, which is counted unless the
+            # row was cancelled
             count, ended = (j, False) if aborted else (j + 1, t in lm.eos_ids)
             break
     text = lm.tokenizer.decode(tokens[:count], skip_special_tokens=True)
