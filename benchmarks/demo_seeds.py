@@ -83,7 +83,8 @@ def figures(root: Path, console: str, wall: float) -> dict:
     macro = next(r for r in comparison if r["domain"] == "(macro)")
     examples = pd.read_parquet(root / "transform" / "examples.parquet")
     mapped = examples[examples["dataset"].isin(TOPIC_OF_SOURCE)]
-    calls = pd.concat([pd.read_parquet(p) for p in sorted(root.glob("distill/stage-*/calls.parquet"))])
+    calls = pd.concat([pd.read_parquet(p)
+                       for p in sorted(root.glob("distill/stage-*/calls.parquet"))])
     annotations = calls[calls["kind"] == "annotate"]
     answered = annotations[(annotations["status"] == "kept")
                            | (annotations["reason"] == "rationale_disagrees")]
@@ -95,6 +96,7 @@ def figures(root: Path, console: str, wall: float) -> dict:
         "transform_kept": stages["transform"]["summary"]["counts"]["kept"],
         "transform_labels": stages["transform"]["summary"]["per_label"],
         "distill_examples": stages["distill"]["summary"]["stages"][-1]["examples"],
+        "distill_calls": stages["distill"]["summary"].get("calls"),
         "baseline_examples": {k: b["examples"] for k, b in baselines.items()},
         "synthetic_labels": baselines.get("synthetic", {}).get("per_label"),
         "macro_acc": {k: v for k, v in macro.items() if k not in ("metric", "domain")},

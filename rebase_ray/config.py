@@ -303,7 +303,14 @@ class TransformConfig(Strict):
 
 class DistillConfig(Strict):
     stages: int = Field(default=3, gt=0)
-    budget: int = Field(default=300, gt=0, description="total teacher budget B (teacher calls)")
+    budget: int = Field(default=300, gt=0, description="total teacher budget B: the examples "
+                        "the stages add (annotated, synthesized or selected), B/K a stage")
+    rounds: int = Field(default=3, gt=0, description="teacher rounds per stage: each asks again "
+                        "for what the last left missing (the next IFD candidates of a head "
+                        "domain, new syntheses for a tail domain)")
+    max_calls_per_example: float = Field(
+        default=3.0, ge=1, description="teacher calls a stage may make per example of its "
+        "budget (rejected ones and label checks included); spent, the stage stops short")
     mode: Literal["random", "balanced", "adaptive"] = "adaptive"
     domain_from: Literal["eval_domain", "column", "dataset", "label"] = "dataset"
     domain_column: str | None = None
@@ -327,8 +334,7 @@ class DistillConfig(Strict):
     reply: ReplyFormat = ReplyFormat()
     label_check: LabelCheck = Field(
         default=LabelCheck(mode="none"), description="checks the labels of synthesized "
-        "examples; a synthesis then costs 1 + its label requests, and a tail domain "
-        "synthesizes as many as its quota pays for")
+        "examples; a synthesis then takes 1 + its label requests of the stage's calls")
     task_examples: bool = Field(
         default=True, description="the task's few-shot examples join the student's training "
         "set from stage 1, at no teacher cost, as they make the fewshot baseline's: the "

@@ -195,6 +195,7 @@ def brief(stage: str, summary: dict) -> dict[str, Any]:
             roles.setdefault(row["domain"], set()).add(row["role"])
         return {"stages": summary["num_stages"],
                 "spent": f"{summary['spent']}/{summary['budget']}",
+                "calls": summary["calls"],
                 "examples": summary["stages"][-1]["examples"] if summary["stages"] else 0,
                 "roles": {d: "/".join(sorted(r)) for d, r in sorted(roles.items())},
                 "wall_s": summary["wall_s"]}
@@ -273,7 +274,7 @@ def _baselines(r: Run, url: str | None) -> dict:
     distilled = r.st.read_json(Storage.join(r.out("distill"), "distill.json"))
     return baselines.run(r.cfg.task, r.out("baselines"), r.cfg.evaluate.baselines, r.cfg.train,
                          r.cfg.transform, url, prompts=transformed["counts"]["retrieved"],
-                         requests=transformed["teacher"]["requests_total"] + distilled["spent"],
+                         requests=transformed["teacher"]["requests_total"] + distilled["calls"],
                          api_key=_api_key(r.cfg), s3=r.cfg.s3,
                          teacher_model=_teacher_model(r.cfg))
 
@@ -283,7 +284,7 @@ def _evaluate(r: Run, _url: str | None) -> dict:
     baselines on the eval set, all answered in one `evaluate` call (the one `rebase-ray eval`
     makes: the same prompts, each adapter switched on in turn and all off for the base row),
     the training data with the rows it came from, and the BalDistill views."""
-    from rebase_ray.distill.stages import report_sections
+    from rebase_ray.distill.report import report_sections
     from rebase_ray.evaluate import comparison_rows, evaluate, metric_rows
     from rebase_ray.evaluate.report import write_report
     from rebase_ray.tasks import load_eval_set

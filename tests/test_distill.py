@@ -1,6 +1,7 @@
 """BalDistill end to end on real local Ray: IFD on a Ray Data actor pool against a direct
 computation, the stage loop with a replay teacher (exact answers: head/tail switching, synthesis,
-dropped rationales, budget, resume), and the real Serve teacher (tiny model) for the budget."""
+dropped rationales, rounds that refill the quotas, budget, resume), and the real Serve teacher
+(tiny model) for the call limit."""
 
 import itertools
 import json
@@ -130,8 +131,9 @@ def test_ifd_matches_a_direct_computation(ray_cluster):
 @pytest.fixture(scope="module")
 def replay_run(ray_cluster, tmp_path_factory):
     """One 2-stage run: a (8 examples), b (3), c (1); balanced, B=12 → 2 per domain per stage.
-    Stage 1: a, b head; c tail (its one example + 1 synthesis). Stage 2: a head; b runs dry
-    (1 left + 1 synthesis); c all synthesized (2)."""
+    Stage 1: a, b head; c tail (its one example, whose rationale is dropped, + 1 synthesis;
+    round 2 synthesizes the one still missing). Stage 2: a head; b runs dry (1 left + 1
+    synthesis); c all synthesized (2)."""
     tmp = tmp_path_factory.mktemp("distill")
     eval_path = tmp / "eval.jsonl"
     eval_path.write_text("".join(json.dumps({"text": f"eval {d} {words(900 + i)}",
@@ -166,22 +168,23 @@ def test_head_tail_switching_and_synthesis(replay_run):
     assert {d: r["pool_left"] for d, r in two.items()} == {"a": 6, "b": 1, "c": 0}
     # tail: the rest of the pool is annotated, synthesis fills the quota
     assert (two["b"]["selected"], two["b"]["synthesized"]) == (1, 1)
-    assert (one["c"]["selected"], one["c"]["synthesized"]) == (1, 1)
     assert (two["c"]["selected"], two["c"]["synthesized"]) == (0, 2)
-    for r in [*one.values(), *two.values()]:
-        assert r["selected"] + r["synthesized"] == r["quota"]
-    # c's pool example has a disagreeing rationale: dropped, but its call is spent
-    assert (one["c"]["kept"], one["c"]["dropped"]) == (1, 1)
-    assert s["stages"][0]["kept"] == 5 and s["stages"][1]["kept"] == 6
+    # c's pool example has a disagreeing rationale: dropped (its call counts), and a second
+    # round synthesizes the example it left missing
+    assert (one["c"]["selected"], one["c"]["synthesized"]) == (1, 2)
+    assert (one["c"]["kept"], one["c"]["dropped"]) == (2, 1)
+    assert all(r["kept"] == r["quota"] for r in [*one.values(), *two.values()])
+    assert [(r["kept"], r["calls"], r["rounds"]) for r in s["stages"]] == [(6, 7, 2), (6, 6, 1)]
     # stage 2 trains on everything gathered so far, and on the task's one few-shot example
     assert s["task_examples"] == 1
-    assert [r["examples"] for r in s["stages"]] == [6, 12]
+    assert [r["examples"] for r in s["stages"]] == [7, 13]
 
     st, out = open_storage(replay_run["out"])
     c1 = st.read_parquet(st.join(out, "stage-1", "calls.parquet")).to_pandas()
     c2 = st.read_parquet(st.join(out, "stage-2", "calls.parquet")).to_pandas()
     c_calls = c1[c1["domain"] == "c"]
-    assert c_calls["status"].tolist() == ["rejected", "kept"]
+    assert c_calls["status"].tolist() == ["rejected", "kept", "kept"]
+    assert c_calls["round"].tolist() == [1, 1, 2]
     assert c_calls["reason"].iloc[0] == "rationale_disagrees"
     annotated = lambda c: set(c.loc[c["kind"] == "annotate", "example_id"])
     assert not annotated(c1) & annotated(c2)  # an example is never annotated twice
@@ -202,7 +205,7 @@ def test_head_tail_switching_and_synthesis(replay_run):
 
 def test_budget_is_spent_exactly_and_never_exceeded(replay_run):
     s = replay_run["summary"]
-    assert replay_run["calls"] == s["spent"] == 12 and s["remaining"] == 0
+    assert s["spent"] == 12 and s["remaining"] == 0 and replay_run["calls"] == s["calls"] == 13
     assert [(r["spent"], r["remaining"]) for r in s["stages"]] == [(6, 6), (6, 0)]
     assert s["long_tail"]["counts"] == {"a": 8, "b": 3, "c": 1}
     assert s["long_tail"]["imbalance_ratio"] == 8.0
@@ -223,7 +226,7 @@ def test_finished_run_costs_nothing_and_other_plans_are_refused(replay_run):
         again = distill(task(replay_run["eval"]), pa_table(pool({"a": 8, "b": 3, "c": 1})),
                         replay_run["out"], *configs(), teacher_url=teacher.url)
         assert teacher.chat_requests() == []
-    assert again["resumed_stages"] == [1, 2] and again["spent"] == 12
+    assert again["resumed_stages"] == [1, 2] and (again["spent"], again["calls"]) == (12, 13)
     assert again["curves"] == replay_run["summary"]["curves"]
     with pytest.raises(ConfigError, match="plan_hash"):
         distill(task(replay_run["eval"]), pa_table(pool({"a": 8, "b": 3, "c": 1})),
@@ -232,9 +235,12 @@ def test_finished_run_costs_nothing_and_other_plans_are_refused(replay_run):
 
 def test_budget_and_resume_on_the_real_serve_teacher(ray_cluster, serve_port, tmp_path):
     """The tiny random teacher answers noise (free text here: `structured: false`): every
-    rationale disagrees and every synthesis is rejected, yet each call is spent — the endpoint
-    sees exactly B calls, never more. Then stage 2 is lost: the rerun redoes stage 2 only (2
-    more calls), not stage 1."""
+    rationale disagrees and every synthesis is rejected, so nothing of the budget is spent and
+    each stage asks again until its rounds or its calls run out; the endpoint sees exactly the
+    calls the summary counts. B=5 over pool a (6), b (1): stage 1 (quotas a 1, b 2, 9 calls)
+    asks a 1+1 candidates (its IFD ranking holds 2) and b its one example + 1, 2, 2 syntheses:
+    8 calls; stage 2 (a 1, b 1, 6 calls) a 1+1, b 1+1+1: 5. Then stage 2 is lost: the rerun
+    redoes stage 2 only (5 more calls), not stage 1."""
     from rebase_ray.serve.teacher import local_teacher
     from rebase_ray.teacher.client import TeacherClient
 
@@ -248,8 +254,9 @@ def test_budget_and_resume_on_the_real_serve_teacher(ray_cluster, serve_port, tm
         s = distill(task(), pa_table(pool({"a": 6, "b": 1})), out, distill_cfg, train_cfg,
                     eval_cfg, teacher_url=url)
         served = TeacherClient(url).server_metrics()["requests"]
-        assert served == s["spent"] == 5 and s["remaining"] == 0
-        assert [r["spent"] for r in s["stages"]] == [3, 2]
+        assert served == s["calls"] == 13 and s["spent"] == 0 and s["remaining"] == 5
+        assert [(r["calls"], r["call_limit"], r["rounds"]) for r in s["stages"]] == [
+            (8, 9, 3), (5, 6, 3)]
         assert sum(r["kept"] for r in s["stages"]) == 0
         assert all(r["train_steps"] is None for r in s["stages"])  # nothing kept: no training
         assert s["final_adapter"] is None
@@ -258,8 +265,8 @@ def test_budget_and_resume_on_the_real_serve_teacher(ray_cluster, serve_port, tm
         st.delete(st.join(out, "stage-2"), recursive=True)
         again = distill(task(), pa_table(pool({"a": 6, "b": 1})), out, distill_cfg, train_cfg,
                         eval_cfg, teacher_url=url)
-        assert TeacherClient(url).server_metrics()["requests"] == served + 2
-    assert again["resumed_stages"] == [1] and again["spent"] == 5
+        assert TeacherClient(url).server_metrics()["requests"] == served + 5
+    assert again["resumed_stages"] == [1] and again["calls"] == 13
     assert st.read_json(st.join(out, "stage-1", "manifest.json")) == stage_one
 
 
@@ -313,7 +320,8 @@ def test_label_domains_synthesize_their_own_label_and_reuse_pool_rationales(ray_
     one = rows_of(summary, 1)
     assert {k: (r["role"], r["selected"], r["synthesized"]) for k, r in one.items()} == {
         "pos": ("head", 2, 0), "neg": ("tail", 0, 2)}
-    assert len(requests) == summary["spent"] == 2  # the syntheses only
+    assert len(requests) == summary["calls"] == 2  # the syntheses only
+    assert summary["spent"] == 4
     for body in requests:
         schema = body["response_format"]["json_schema"]["schema"]
         assert schema["properties"]["output"] == {"type": "string", "enum": ["neg"]}
@@ -372,7 +380,8 @@ def test_cot_fewshot_from_transform_to_training_on_s3(ray_cluster, s3_bucket):
     assert len(schemas) == 4 and all(list(s["properties"]) == ["input", "rationale", "output"]
                                      for s in schemas)
     assert made["counts"]["kept"] == 4
-    assert summary["spent"] == 0 and summary["stages"][0]["examples"] == 3
+    assert (summary["spent"], summary["calls"]) == (2, 0)
+    assert summary["stages"][0]["examples"] == 3
     trained = st.read_parquet(st.join(root, "distill", "stage-1", "examples.parquet")).to_pandas()
     own = trained[trained["origin"] == "task"].iloc[0]
     assert (own["output"], own["domain"]) == ("pos", "pos")
@@ -404,11 +413,11 @@ def rejecting(prompt: str) -> str:
 @pytest.mark.parametrize("mode", list(MODE_QUOTAS))
 def test_random_and_adaptive_quotas_drive_the_stage_loop(ray_cluster, tmp_path, mode):
     """The other two modes inside the loop: each stage's quotas are the mode's, a domain is
-    head exactly when its unused pool fills its quota, selection plus synthesis fill every
-    quota, and the budget is spent exactly."""
+    head exactly when its unused pool fills its quota, and (one round) selection plus
+    synthesis ask for every quota, one call each."""
     with ReplayTeacher(rejecting) as teacher:
         s = distill(task(), pa_table(pool({"a": 8, "b": 3, "c": 1})), str(tmp_path / "out"),
-                    *configs(mode=mode, evaluate_stages=False, task_examples=False),
+                    *configs(mode=mode, evaluate_stages=False, task_examples=False, rounds=1),
                     teacher_url=teacher.url)
         calls = len(teacher.chat_requests())
     for stage, want in enumerate(MODE_QUOTAS[mode], 1):
@@ -417,7 +426,21 @@ def test_random_and_adaptive_quotas_drive_the_stage_loop(ray_cluster, tmp_path, 
         for r in rows.values():
             assert r["selected"] + r["synthesized"] == r["quota"]
             assert r["role"] == ("head" if r["pool_left"] >= r["quota"] else "tail")
-    assert calls == s["spent"] == 12 and s["remaining"] == 0
+    assert calls == s["calls"] == 12 and s["spent"] == 0 and s["remaining"] == 12
     assert {r["role"] for r in s["domains"]} == {"head", "tail"}
     assert sum(r["kept"] for r in s["stages"]) == 0  # so no stage trained
     assert all(r["train_steps"] is None for r in s["stages"])
+
+
+def test_rounds_stop_at_the_stage_call_limit(ray_cluster, tmp_path):
+    """A teacher that keeps nothing, B=12 over two stages, 1.5 calls per example: each stage
+    may make 9 calls. Stage 1 (2 each of a, b, c) asks 6 in round 1 and 3 of round 2's 5
+    (the next IFD candidates of a and b, c's syntheses); stage 2 the same, then stops."""
+    with ReplayTeacher(rejecting) as teacher:
+        s = distill(task(), pa_table(pool({"a": 8, "b": 3, "c": 1})), str(tmp_path / "out"),
+                    *configs(evaluate_stages=False, task_examples=False, rounds=5,
+                             max_calls_per_example=1.5), teacher_url=teacher.url)
+        calls = len(teacher.chat_requests())
+    assert [(r["calls"], r["call_limit"], r["rounds"]) for r in s["stages"]] == [
+        (9, 9, 2), (9, 9, 2)]
+    assert calls == s["calls"] == 18 and s["spent"] == 0

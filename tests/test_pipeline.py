@@ -145,7 +145,7 @@ def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, s3_bucket
         transformed = stages["transform"]["summary"]
         assert made["synthetic"]["prompts"] == transformed["counts"]["retrieved"] == 8
         assert made["synthetic"]["request_budget"] == (
-            transformed["teacher"]["requests_total"] + stages["distill"]["summary"]["spent"])
+            transformed["teacher"]["requests_total"] + stages["distill"]["summary"]["calls"])
         assert made["synthetic"]["requests"] <= made["synthetic"]["request_budget"]
         assert made["synthetic"]["examples"] == synth["counts"]["kept"] >= 1
         for name in ("fewshot", "synthetic"):
