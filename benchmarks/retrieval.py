@@ -36,8 +36,9 @@ import torch
 from index_build import real_vectors, scale
 
 from rebase_ray.config import IndexConfig, RetrieveConfig, config_hash
-from rebase_ray.datastore.build import SOURCES_SCHEMA, npy_bytes, shard_name
 from rebase_ray.datastore.index import build_index, dataset_basis, with_datasets
+from rebase_ray.datastore.shards import npy_bytes, shard_name
+from rebase_ray.datastore.stage import SOURCES_SCHEMA
 from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.models import cache_dir
 from rebase_ray.retrieve.queries import Query

@@ -81,7 +81,7 @@ def main() -> None:
     from rebase_ray.models import SMOLLM2, cache_dir
     from rebase_ray.retrieve import retrieve
     from rebase_ray.serve.teacher import local_teacher
-    from rebase_ray.transform.pipeline import transform
+    from rebase_ray.transform import transform
 
     tmp = Path(tempfile.mkdtemp(prefix="transform-dev-"))
     tasks = {}

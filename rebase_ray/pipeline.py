@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rebase_ray.config import ConfigError, PipelineConfig, config_hash
-from rebase_ray.retrieve.stage import HOW_NOT_WHAT
 from rebase_ray.runtime import init_ray
 from rebase_ray.storage import Storage, open_storage
 
@@ -50,7 +49,7 @@ class Run:
         keys = {"index": config_hash(c.datastore or [s.model_dump() for s in c.sources or []],
                                      c.index.build_hash())}
         keys["retrieve"] = config_hash(keys["index"], c.task,
-                                       c.retrieve.model_dump(exclude=HOW_NOT_WHAT))
+                                       c.retrieve.what())
         teacher = (c.teacher.model, c.teacher.url, c.teacher.served_model_name)
         keys["transform"] = config_hash(keys["retrieve"], c.transform, *teacher)
         keys["distill"] = config_hash(keys["transform"], c.distill, c.train, c.evaluate)
@@ -251,7 +250,7 @@ def _teacher_model(cfg: PipelineConfig) -> str | None:
 
 
 def _transform(r: Run, url: str | None) -> dict:
-    from rebase_ray.transform.pipeline import transform
+    from rebase_ray.transform import transform
 
     return transform(r.cfg.task, r.out("retrieve"), url, r.out("transform"), r.cfg.transform,
                      s3=r.cfg.s3, api_key=_api_key(r.cfg), sources=r.cfg.sources,
@@ -280,21 +279,16 @@ def _baselines(r: Run, url: str | None) -> dict:
 
 
 def _evaluate(r: Run, _url: str | None) -> dict:
-    """The run's report: the final distilled student against the base student and the
-    baselines on the eval set, all answered in one `evaluate` call (the one `rebase-ray eval`
-    makes: the same prompts, each adapter switched on in turn and all off for the base row),
+    """The run's report (`evaluate.stage.run`, as `rebase-ray eval`): the final distilled
+    student against the base student and the baselines on the eval set, all answered in one
+    pass (the same prompts, each adapter switched on in turn and all off for the base row),
     the training data with the rows it came from, and the BalDistill views."""
     from rebase_ray.distill.report import report_sections
-    from rebase_ray.evaluate import comparison_rows, evaluate, metric_rows
-    from rebase_ray.evaluate.report import write_report
-    from rebase_ray.tasks import load_eval_set
+    from rebase_ray.evaluate.stage import run as evaluate_stage
 
     st, task = r.st, r.cfg.task
-    distill_out = r.out("distill")
-    result = st.read_json(st.join(distill_out, "distill.json"))
-    last_dir = st.join(distill_out, f"stage-{result['num_stages']}")
+    result = st.read_json(st.join(r.out("distill"), "distill.json"))
     report: dict = {
-        "title": f"rebase-ray — {task.name}", "task": task.model_dump(mode="json"),
         "sections": report_sections(result, task.metric),
         "examples": st.read_parquet(st.join(r.out("transform"), "examples.parquet")).to_pylist(),
         "hits": st.read_parquet(st.join(r.out("retrieve"), "hits.parquet")).to_pylist(),
@@ -306,21 +300,10 @@ def _evaluate(r: Run, _url: str | None) -> dict:
         baseline_adapters = {b["baseline"]: b.get("adapter") for b in done["baselines"]}
         report["sections"].insert(0, {"title": "Baselines: what each comparison student "
                                                "trained on", "table": done["baselines"]})
-    records = load_eval_set(task, r.cfg.s3).records
-    if records:
-        report["evaluation"] = evaluate(task, records, r.cfg.train.model,
-                                        result.get("final_adapter"), r.cfg.evaluate, r.cfg.s3,
-                                        baselines=baseline_adapters)
-    if st.exists(st.join(last_dir, "train", "train_summary.json")):
-        report["training"] = st.read_json(st.join(last_dir, "train", "train_summary.json"))
-    out = r.out("evaluate")
-    json_uri, html_uri = write_report(out, report, r.cfg.s3)
-    st.write_manifest(out, {"stage": "evaluate", "task": task.name},
-                      ["report.json", "report.html"])
-    ev = report.get("evaluation")
-    return {"metrics": metric_rows(ev) if ev else [],
-            "comparison": comparison_rows(ev) if ev else [], "report_json": json_uri,
-            "report_html": html_uri, "final_adapter": result.get("final_adapter")}
+    summary = evaluate_stage(task, r.cfg.train.model, result.get("final_adapter"),
+                             r.cfg.evaluate, out=r.out("evaluate"), s3=r.cfg.s3,
+                             baselines=baseline_adapters, report=report, required=False)
+    return {**summary, "final_adapter": result.get("final_adapter")}
 
 
 STAGE_FUNCS: dict[str, Callable[[Run, str | None], dict]] = {

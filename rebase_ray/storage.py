@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from rebase_ray.config import S3Config
+from rebase_ray.config.schema import S3Config
 
 SUPPORTED_SCHEMES = ("", "file", "s3")
 MANIFEST = "manifest.json"

@@ -40,3 +40,11 @@ def test_a_source_with_no_file_exits_2_whether_glob_or_path(tmp_path):
         res = run_cli("index", str(tmp_path / "sources.yaml"), "--out", str(tmp_path / "ds"))
         assert res.returncode == 2, res.stderr
         assert says in res.stderr and "Traceback" not in res.stderr
+
+
+def test_version():
+    from rebase_ray import __version__
+
+    res = run_cli("--version")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == __version__

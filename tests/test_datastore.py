@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 
 from rebase_ray.cli import app
 from rebase_ray.config import SourceConfig
-from rebase_ray.datastore import ChecksumError, Datastore, build, build_datastore
-from rebase_ray.datastore.build import staging_key
+from rebase_ray.datastore import ChecksumError, Datastore, build_datastore, stage
 from rebase_ray.datastore.embed import Embedder, column_vectors, embed_dataset
 from rebase_ray.datastore.index import with_datasets
+from rebase_ray.datastore.stage import staging_key
 from rebase_ray.storage import StorageError, open_storage
 
 TOTAL_CELLS = sum(c for _, c, _ in EXPECTED.values())
@@ -147,7 +147,7 @@ KILLED_BUILD = """
 import json, sys, time
 import ray
 from rebase_ray.config import IndexConfig, SourceConfig
-from rebase_ray.datastore import build
+from rebase_ray.datastore import stage
 from rebase_ray.datastore.embed import Embedder, embed_dataset
 
 class Slow(Embedder):
@@ -157,8 +157,8 @@ class Slow(Embedder):
 
 ray.init(address=sys.argv[1], log_to_driver=False,
          runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-build.embed_dataset = lambda ds, cfg: embed_dataset(ds, cfg, Slow)
-build.build_datastore([SourceConfig(**s) for s in json.loads(sys.argv[2])], sys.argv[3],
+stage.embed_dataset = lambda ds, cfg: embed_dataset(ds, cfg, Slow)
+stage.run([SourceConfig(**s) for s in json.loads(sys.argv[2])], sys.argv[3],
                       IndexConfig.model_validate_json(sys.argv[4]))
 """
 
@@ -254,9 +254,9 @@ def test_staged_embeddings_are_kept_only_for_what_they_depend_on(tmp_path):
     st, out = open_storage(str(tmp_path))
     for k in (key, others[0]):
         st.write_bytes(st.join(out, "_staging", k, "shard=0", "piece.parquet"), b"x")
-    assert build._staging(st, out, key, force=False) == st.join(out, "_staging", key)
+    assert stage._staging(st, out, key, force=False) == st.join(out, "_staging", key)
     assert os.listdir(tmp_path / "_staging") == [key]
-    build._staging(st, out, key, force=True)
+    stage._staging(st, out, key, force=True)
     assert os.listdir(tmp_path / "_staging") == []
 
 

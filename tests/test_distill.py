@@ -342,7 +342,7 @@ def test_cot_fewshot_from_transform_to_training_on_s3(ray_cluster, s3_bucket):
     import pyarrow as pa
 
     from rebase_ray.config import TransformConfig
-    from rebase_ray.transform.pipeline import transform
+    from rebase_ray.transform import transform
 
     fewshot = TaskConfig(name="reviews", instruction=INSTRUCTION, labels=["pos", "neg"],
                          answer="label", cot="fewshot", examples=[FewShot(

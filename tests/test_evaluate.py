@@ -12,6 +12,7 @@ import pytest
 from rebase_ray.config import EvaluateConfig, TaskConfig
 from rebase_ray.evaluate import comparison_rows, evaluate, metric_rows
 from rebase_ray.evaluate.code_exec import run_tests
+from rebase_ray.evaluate.measure import score
 from rebase_ray.evaluate.metrics import (
     aggregate,
     length_normalized,
@@ -19,7 +20,6 @@ from rebase_ray.evaluate.metrics import (
     squad_scores,
     strict_score,
 )
-from rebase_ray.evaluate.run import score
 from rebase_ray.formats import flexible_score, strict_answer
 from rebase_ray.models import TINY
 

@@ -74,7 +74,7 @@ def test_seeded_sampler_draws_from_the_warped_softmax():
     tail: the sampler is a sampler, not a perturbed argmax."""
     import torch
 
-    from rebase_ray.generation import _seeded_sampler_class
+    from rebase_ray.generation.decode import _seeded_sampler_class
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     draws = 4000
@@ -133,7 +133,7 @@ def test_shared_prefix_and_early_finish_decode_as_each_prompt_alone(lm):
     row's greedy tokens are those of transformers' own `generate` on that prompt alone."""
     import torch
 
-    from rebase_ray.generation import MIN_SHARED_PREFIX, common_prefix_len
+    from rebase_ray.generation.decode import MIN_SHARED_PREFIX, common_prefix_len
 
     system = "You turn rows into task examples. Answer with one JSON object. " * 4
     prompts = [lm.render([{"role": "system", "content": system},

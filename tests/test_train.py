@@ -15,7 +15,7 @@ from rebase_ray.formats import EXPLAIN
 from rebase_ray.models import TINY, load_tokenizer
 from rebase_ray.storage import Storage
 from rebase_ray.train import train_student
-from rebase_ray.train.lora import IGNORE, collate, encode
+from rebase_ray.train.data import IGNORE, collate, encode
 
 WORDS = [("cat", "yes"), ("dog", "yes"), ("table", "no"), ("car", "no"), ("cow", "yes"),
          ("rock", "no"), ("fish", "yes"), ("chair", "no")]

@@ -11,7 +11,7 @@ from replay_teacher import ReplayTeacher
 
 from rebase_ray.config import EvalSetConfig, FewShot, SourceConfig, TaskConfig, TransformConfig
 from rebase_ray.storage import open_storage
-from rebase_ray.transform.pipeline import transform
+from rebase_ray.transform import transform
 
 TASK = TaskConfig(name="news_topic", instruction="Classify the topic of a news article.",
                   examples=[FewShot(input="Chelsea win the league after a 2-0 victory.",

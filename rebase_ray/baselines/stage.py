@@ -48,7 +48,7 @@ def run(task: TaskConfig, out: str, baselines: list[str], train: TrainConfig,
     """Train each baseline in `baselines`; `prompts` and `requests` size the synthetic one
     (the rows rebase-ray retrieved, the teacher requests it spent). Returns the summary."""
     from rebase_ray.train import train_student
-    from rebase_ray.transform.pipeline import transform as transform_stage
+    from rebase_ray.transform import transform as transform_stage
 
     t0 = time.time()
     st, out = open_storage(out, s3)

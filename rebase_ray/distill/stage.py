@@ -79,9 +79,7 @@ class Run:
         """Write plan.json, or check that an existing one belongs to the same run."""
         ids = "\x1f".join(sorted(self.pool["example_id"]))
         plan = {"task": self.task.name, "plan_hash": self.cfg.plan_hash(),
-                "train_hash": config_hash(self.train.model_dump(exclude={
-                    "num_workers", "use_gpu", "cpus_per_worker", "torch_threads",
-                    "checkpoint_every", "max_failures"})),
+                "train_hash": config_hash(self.train.what()),
                 "pool": hashlib.sha256(ids.encode()).hexdigest()[:16],
                 "budgets": self.budgets,
                 "quotas": [stage_quotas(self.cfg.mode, i + 1, self.cfg.stages, b, self.sizes)

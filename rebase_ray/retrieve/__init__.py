@@ -3,6 +3,6 @@ decontaminated. `retrieve` is the stage; `Retriever` the reusable in-memory sear
 
 from rebase_ray.retrieve.queries import Query, build_query
 from rebase_ray.retrieve.retriever import Retrieval, Retriever
-from rebase_ray.retrieve.stage import retrieve
+from rebase_ray.retrieve.stage import run as retrieve
 
 __all__ = ["Query", "Retrieval", "Retriever", "build_query", "retrieve"]

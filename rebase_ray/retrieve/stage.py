@@ -30,12 +30,8 @@ DROPPED_SCHEMA = pa.schema([("row_key", pa.string()), ("dataset", pa.string()),
                             ("score", pa.float32()), ("reason", pa.string())])
 
 
-# RetrieveConfig fields that change how the rows are found, never which rows
-HOW_NOT_WHAT = {"serve", "verify", "max_batch_size", "batch_wait_timeout_s", "shard_cpus"}
-
-
-def retrieve(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
-             s3: S3Config | None = None, force: bool = False) -> dict:
+def run(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
+        s3: S3Config | None = None, force: bool = False) -> dict:
     """Retrieve the task's top rows from the datastore; returns the stage summary."""
     start = time.time()
     st, out = open_storage(out, s3)
@@ -44,7 +40,7 @@ def retrieve(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
     if store_manifest is None:
         raise FileNotFoundError(f"no datastore at {datastore} (manifest.json missing): "
                                 "build one with `rebase-ray index`")
-    key = config_hash(task, cfg.model_dump(exclude=HOW_NOT_WHAT), datastore,
+    key = config_hash(task, cfg.what(), datastore,
                       [store_manifest.get("files"), store_manifest.get("shards")])
     previous = st.read_manifest(out)
     if previous is not None and previous.get("config_hash") == key and not force:

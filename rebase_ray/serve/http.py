@@ -1,6 +1,6 @@
 """HTTP plumbing shared by our Ray Serve apps (teacher, retriever, student): API-key auth,
-a request size limit, JSON bodies validated by pydantic, OpenAI-style JSON errors, and
-starting Serve's HTTP proxy.
+a request size limit, JSON bodies validated by pydantic, OpenAI-style JSON errors, starting
+Serve's HTTP proxy, deploying an app on it and its Serve config file.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "code"}}`, so OpenAI clients show
 the message. Codes: 401 missing or wrong key, 400 malformed request, 413 body over the limit,
@@ -13,6 +13,8 @@ import hmac
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -21,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from rebase_ray.config import TeacherConfig
+from rebase_ray.config import ServeConfig, TeacherConfig
 
 API_KEY_ENV = "REBASE_RAY_API_KEY"
 M = TypeVar("M", bound=BaseModel)
@@ -141,6 +143,32 @@ def start_proxy(host: str, port: int | None) -> tuple[str, int]:
         serve.start(http_options={"host": host, "port": port or free_port(host)})
     http = _get_global_client().http_config
     return http.host, http.port
+
+
+@contextmanager
+def deployed(app: Any, name: str, cfg: ServeConfig) -> Iterator[str]:
+    """Deploy a Serve application on the running Ray (starting Serve's proxy on cfg.host and
+    cfg.port, 0/None = a free port, unless Serve already runs) and yield its base URL; the app
+    is deleted on exit. The one deploy of the teacher, retriever and student apps."""
+    from ray import serve
+
+    host, port = start_proxy(cfg.host, cfg.port)
+    serve.run(app, name=name, route_prefix=cfg.route_prefix, blocking=False)
+    try:
+        yield base_url(host, port, cfg.route_prefix)
+    finally:
+        serve.delete(name)
+
+
+def config_file(name: str, cfg: ServeConfig, application: dict[str, Any]) -> dict[str, Any]:
+    """A Serve config file (`serve deploy`, a KubeRay RayService's `serveConfigV2`) with one
+    application (`import_path` and `args`, secrets already left out)."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port or 8000,
+                         "request_timeout_s": cfg.request_timeout_s},
+        "applications": [{"name": name, "route_prefix": cfg.route_prefix, **application}],
+    }
 
 
 def base_url(host: str, port: int, route_prefix: str) -> str:

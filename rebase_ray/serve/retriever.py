@@ -28,10 +28,10 @@ from rebase_ray.config import RetrieveConfig, S3Config
 from rebase_ray.retrieve.retriever import Retrieval, Retriever
 from rebase_ray.serve.http import (
     Guard,
-    base_url,
+    config_file,
+    deployed,
     install_error_handlers,
     resolve_api_key,
-    start_proxy,
     wait_for_interrupt,
     without_secrets,
 )
@@ -143,14 +143,8 @@ def serve_config(datastore: str, cfg: RetrieveConfig, name: str = APP_NAME) -> d
     """A Serve config file (`serve deploy`, KubeRay RayService) for the retriever. The API key
     and every other secret are left out: set REBASE_RAY_API_KEY on the cluster."""
     args = without_secrets(cfg.model_dump(mode="json"))
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port or 8000,
-                         "request_timeout_s": cfg.serve.request_timeout_s},
-        "applications": [{"name": name, "route_prefix": cfg.serve.route_prefix,
-                          "import_path": f"{__name__}:app_builder",
-                          "args": {"datastore": datastore, "retrieve": args}}],
-    }
+    return config_file(name, cfg.serve, {"import_path": f"{__name__}:app_builder",
+                                         "args": {"datastore": datastore, "retrieve": args}})
 
 
 @contextmanager
@@ -158,13 +152,8 @@ def local_retriever(datastore: str, cfg: RetrieveConfig, s3: S3Config | None = N
                     name: str = APP_NAME) -> Iterator[str]:
     """Deploy the retriever on the running Ray (starting Serve's proxy on cfg.serve.host:port
     unless Serve already runs) and yield its base URL; the app is deleted on exit."""
-    host, port = start_proxy(cfg.serve.host, cfg.serve.port)
-    serve.run(build_retriever_app(datastore, cfg, s3), name=name,
-              route_prefix=cfg.serve.route_prefix)
-    try:
-        yield base_url(host, port, cfg.serve.route_prefix)
-    finally:
-        serve.delete(name)
+    with deployed(build_retriever_app(datastore, cfg, s3), name, cfg.serve) as url:
+        yield url
 
 
 def serve_retriever(datastore: str, cfg: RetrieveConfig, on_ready: Callable[[str], Any],

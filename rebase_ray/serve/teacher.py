@@ -38,22 +38,21 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException
-from typing_extensions import Self  # typing.Self is Python 3.11+
 
 from rebase_ray.config import TeacherConfig
-from rebase_ray.generation import Constraint, UnsupportedSchema
+from rebase_ray.generation import UnsupportedSchema
+from rebase_ray.serve.chat_types import ChatRequest
 from rebase_ray.serve.http import (
     Guard,
-    base_url,
+    config_file,
+    deployed,
     install_error_handlers,
     resolve_api_key,
-    start_proxy,
     teacher_client_key,
     wait_for_interrupt,
     without_secrets,
@@ -65,136 +64,6 @@ from rebase_ray.teacher.types import Completion, Messages, OutputFormat, Samplin
 
 APP_NAME = "teacher"
 DEFAULT_MAX_TOKENS = 256
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(
-            p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-
-    def constraint(self) -> Constraint | None:
-        return None
-
-
-class JSONObjectFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["json_object"]
-
-    def constraint(self) -> Constraint | None:
-        return Constraint.json_object()
-
-
-class JSONSchema(BaseModel):
-    """OpenAI's `response_format.json_schema`. The schema is enforced whatever `strict` says."""
-
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
-
-
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["json_schema"]
-    json_schema: JSONSchema
-
-    def constraint(self) -> Constraint | None:
-        return Constraint.json_schema(self.json_schema.schema_)
-
-
-ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat,
-                           Field(discriminator="type")]
-STRUCTURED_OUTPUTS_KEYS = ("choice", "json")
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's `structured_outputs` request field. Of its keys this server supports `choice`
-    (one of these strings) and `json` (a JSON schema); any other key set is refused."""
-
-    model_config = ConfigDict(extra="allow")
-    choice: list[str] | None = None
-    json_: dict[str, Any] | None = Field(default=None, alias="json")
-
-    @model_validator(mode="after")
-    def _one_supported_key(self) -> Self:
-        unsupported = sorted(k for k, v in (self.model_extra or {}).items() if v is not None)
-        if unsupported:
-            raise ValueError(f"structured_outputs {', '.join(map(repr, unsupported))} is not "
-                             f"supported by this server (it supports "
-                             f"{' and '.join(map(repr, STRUCTURED_OUTPUTS_KEYS))})")
-        if (self.choice is None) == (self.json_ is None):
-            raise ValueError("structured_outputs needs exactly one of 'choice' and 'json'")
-        return self
-
-    def constraint(self) -> Constraint:
-        if self.choice is not None:
-            return Constraint.choice(self.choice)
-        return Constraint.json_schema(self.json_)
-
-
-class ChatRequest(BaseModel):
-    """OpenAI's chat request; unknown fields are ignored, as OpenAI-compatible servers do."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
-    n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None
-
-    @model_validator(mode="after")
-    def _one_format(self) -> Self:
-        if self.response_format is not None and self.structured_outputs is not None:
-            raise ValueError("set response_format or structured_outputs, not both")
-        return self
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p,
-            max_tokens=self.requested_max_tokens or default_max_tokens,
-            n=self.n, seed=self.seed, stop=tuple(s for s in stop if s))
-
-    def output_format(self) -> OutputFormat | None:
-        """The structured output asked for (None: none); raises UnsupportedSchema naming a
-        schema feature the grammar engine cannot enforce."""
-        if self.response_format is not None:
-            fields = {"response_format": self.response_format.model_dump(by_alias=True,
-                                                                         exclude_unset=True)}
-            return OutputFormat(fields, self.response_format.constraint())
-        if self.structured_outputs is not None:
-            fields = {"structured_outputs": self.structured_outputs.model_dump(
-                by_alias=True, exclude_unset=True)}
-            return OutputFormat(fields, self.structured_outputs.constraint())
-        return None
 
 
 @dataclass
@@ -409,13 +278,7 @@ def serve_config(cfg: TeacherConfig, name: str = APP_NAME) -> dict[str, Any]:
     else:
         application = {"import_path": f"{__name__}:app_builder",
                        "args": without_secrets(cfg.model_dump(mode="json"))}
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port or 8000,
-                         "request_timeout_s": cfg.serve.request_timeout_s},
-        "applications": [{"name": name, "route_prefix": cfg.serve.route_prefix,
-                          **application}],
-    }
+    return config_file(name, cfg.serve, application)
 
 
 @contextmanager
@@ -423,13 +286,8 @@ def local_teacher(cfg: TeacherConfig, name: str = APP_NAME) -> Iterator[str]:
     """Deploy the teacher on the running Ray (starting Serve's proxy on cfg.serve.host and
     cfg.serve.port, 0/None = a free port, unless Serve already runs) and yield its OpenAI base
     URL, e.g. http://127.0.0.1:8000/v1. The app is deleted on exit."""
-    host, port = start_proxy(cfg.serve.host, cfg.serve.port)
-    serve.run(build_teacher_app(cfg), name=name, route_prefix=cfg.serve.route_prefix,
-              blocking=False)
-    try:
-        yield base_url(host, port, cfg.serve.route_prefix) + "/v1"
-    finally:
-        serve.delete(name)
+    with deployed(build_teacher_app(cfg), name, cfg.serve) as url:
+        yield url + "/v1"
 
 
 def serve_teacher(cfg: TeacherConfig, on_ready: Callable[[str], Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Quality filters for generated examples. Each per-example filter returns a reject reason or
 None; the duplicate filter runs over the whole set at the end. Every reject is counted and
-written with its reason (see transform.pipeline)."""
+written with its reason (see transform.stage)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@
    a rerun of a build that died while embedding reads the pieces already there (a piece cut
    short by the kill has no Parquet footer and is deleted) and embeds only the cells and
    descriptions that are missing.
-4. One Ray task per shard sorts its cells, writes cells.parquet, vectors.npy, basis.npy (the
+4. One Ray task per shard (`datastore.shards`) sorts its cells, writes cells.parquet, vectors.npy, basis.npy (the
    basis of its sources' descriptions) and index.faiss (dataset-aware: see
    `datastore.index`) and their checksums.
 5. sources.parquet, rejects.parquet and, last, manifest.json are written.
@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections import Counter
@@ -28,19 +27,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from rebase_ray.config import IndexConfig, S3Config, SourceConfig, config_hash
 from rebase_ray.datastore.embed import VECTOR, column_vectors, embed_dataset
-from rebase_ray.datastore.index import (
-    build_index,
-    choose_factory,
-    dataset_basis,
-    search_params,
-    with_datasets,
-)
+from rebase_ray.datastore.shards import build_shards, read_partition, shard_name
 from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.runtime import init_ray
 from rebase_ray.sources import (
@@ -60,11 +51,6 @@ SOURCES_SCHEMA = pa.schema([("name", pa.string()), ("description", pa.string()),
                             ("cells", pa.int64())])
 DESCRIPTIONS = -1  # the staging partition that carries the source descriptions
 STAGING = "_staging"
-SORT = [("dataset", "ascending"), ("row_idx", "ascending"), ("column", "ascending")]
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
 
 
 class AssignShard:
@@ -98,8 +84,8 @@ def staging_key(cfg: IndexConfig, fingerprints: list[str], base: int, count: int
     return config_hash(cfg.embed_hash(), sorted(fingerprints), base, count)
 
 
-def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
-                    s3: S3Config | None = None, force: bool = False) -> dict:
+def run(sources: list[SourceConfig], out: str, cfg: IndexConfig,
+        s3: S3Config | None = None, force: bool = False) -> dict:
     """Build (or complete, or extend) the datastore at `out`; returns a summary."""
     start = time.time()
     files = {s.name: list_files(s, s3) for s in sources}  # a source with no file: before Ray
@@ -151,10 +137,10 @@ def build_datastore(sources: list[SourceConfig], out: str, cfg: IndexConfig,
             embed_dataset(to_embed, cfg).write_parquet(
                 st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
         new = _staged_pieces(st, staging, set(todo_ids), prior=staged)
-        desc = _read_partition(st, staging, DESCRIPTIONS)
+        desc = read_partition(st, staging, DESCRIPTIONS)
         dim = int(desc[VECTOR].type.list_size)
         described = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
-        built = _build_shards(st, out, s3, staging, todo_ids, count, group, dim, described,
+        built = build_shards(st, out, s3, staging, todo_ids, count, group, dim, described,
                               cfg)
         indexed = sum(s["cells"] for s in [*finished.values(), *built])
         if indexed != total:  # staged pieces that don't match the sources: never published
@@ -331,93 +317,6 @@ def _descriptions(sources: list[SourceConfig], descriptions: dict[str, str]):
     schema = CELL_SCHEMA.append(pa.field("row_key", pa.string())).append(
         pa.field("shard", pa.int64()))
     return ray.data.from_arrow(pa.table(rows, schema=schema))
-
-
-def _read_partition(st: Storage, staging: str, shard: int) -> pa.Table | None:
-    folder = st.join(staging, f"shard={shard}")
-    if not st.exists(folder):
-        return None
-    return pa.concat_tables([st.read_parquet(f) for f in st.glob(folder)
-                             if f.endswith(".parquet")])
-
-
-def _build_shards(st: Storage, out: str, s3: S3Config | None, staging: str, ids: list[int],
-                  count: int, group: str, dim: int, described: dict[str, np.ndarray],
-                  cfg: IndexConfig) -> list[dict]:
-    import ray
-
-    task = ray.remote(build_shard).options(num_cpus=cfg.build_cpus)
-    described = ray.put(described)
-    pending = [task.remote(out, s3, staging, i, count, group, dim, described, cfg)
-               for i in ids]
-    built = []
-    with tqdm(total=len(pending), desc="shard indexes", unit="shard", leave=False) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            built.append(ray.get(ready[0]))
-            bar.update(1)
-    return built
-
-
-def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int, group: str,
-                dim: int, described: dict[str, np.ndarray], cfg: IndexConfig) -> dict:
-    """One shard (a Ray task): staged cells+vectors → cells.parquet, vectors.npy, basis.npy,
-    index.faiss in a fixed row order (dataset, row_idx, column) that is also the FAISS id
-    order. `described`: the description vector of every source of the group."""
-    import faiss
-
-    faiss.omp_set_num_threads(max(1, int(cfg.build_cpus)))
-    st = Storage.for_uri(out, s3)
-    table = _read_partition(st, staging, i)
-    if table is None or table.num_rows == 0:
-        cells = CELL_SCHEMA.empty_table()
-        vectors = np.zeros((0, dim), np.float32)
-        rows = 0
-    else:
-        table = table.sort_by(SORT)
-        # a cell staged twice (a killed run's last write landing after its rerun read the
-        # staging folder) is kept once: its copies sit side by side in this order
-        ids = table["cell_id"].to_numpy(zero_copy_only=False)
-        if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
-            table = table.filter(pa.array(np.r_[True, ids[1:] != ids[:-1]]))
-        cells = table.select(CELL_COLUMNS).cast(CELL_SCHEMA)
-        vectors = column_vectors(table[VECTOR])
-        rows = len(set(table["row_key"].to_pylist()))
-    basis, coords = _dataset_coords(cells, described, dim, cfg.dataset_dims)
-    factory = choose_factory(len(vectors), dim + basis.shape[1], cfg) if len(vectors) else "Flat"
-    index = build_index(with_datasets(vectors, coords), factory, cfg.train_sample)
-    folder = st.join(out, "shards", shard_name(i))
-    blobs = {"index.faiss": faiss.serialize_index(index).tobytes(),
-             "vectors.npy": npy_bytes(vectors), "basis.npy": npy_bytes(basis)}
-    files = {f"shards/{shard_name(i)}/cells.parquet": {
-        "sha256": st.write_parquet(st.join(folder, "cells.parquet"), cells),
-        "bytes": st.size(st.join(folder, "cells.parquet"))}}
-    for name, data in blobs.items():
-        files[f"shards/{shard_name(i)}/{name}"] = {
-            "sha256": st.write_bytes(st.join(folder, name), data), "bytes": len(data)}
-    entry = {"id": i, "name": shard_name(i), "group": group, "of": count,
-             "cells": len(vectors), "rows": rows, "factory": factory,
-             "dataset_dims": int(basis.shape[1]),
-             "search_params": search_params(factory, len(vectors)), "files": files}
-    st.write_json(st.join(folder, "shard.json"), entry)
-    return entry
-
-
-def _dataset_coords(cells: pa.Table, described: dict[str, np.ndarray], dim: int,
-                    max_dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """The basis of the shard's source descriptions and each cell's coordinates in it."""
-    encoded = pc.dictionary_encode(cells["dataset"]).combine_chunks()
-    names, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
-    vectors = np.stack([described[n] for n in names]) if names else np.zeros((0, dim))
-    basis = dataset_basis(vectors, max_dims)
-    return basis, (vectors @ basis).astype(np.float32)[codes]
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """`array` as the bytes of a .npy file."""
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 def _source_table(sources: list[SourceConfig], read: Any,

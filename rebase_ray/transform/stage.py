@@ -210,10 +210,10 @@ def _read_parts(st: Storage, out: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).drop_duplicates("row_key", keep="last")
 
 
-def transform(task: TaskConfig, hits: str, teacher_url: str, out: str, cfg: TransformConfig,
-              s3: S3Config | None = None, api_key: str | None = None,
-              sources: list[SourceConfig] | None = None,
-              teacher_model: str | None = None) -> dict[str, Any]:
+def run(task: TaskConfig, hits: str, teacher_url: str, out: str, cfg: TransformConfig,
+        s3: S3Config | None = None, api_key: str | None = None,
+        sources: list[SourceConfig] | None = None,
+        teacher_model: str | None = None) -> dict[str, Any]:
     """Turn retrieved rows (`hits`: a hits.parquet URI or the folder holding it) into task
     examples through the teacher at `teacher_url` (an OpenAI-compatible base URL), asking for
     `teacher_model` (None: the first model the endpoint lists)."""

@@ -1,7 +1,7 @@
 """Evaluate the student (and the untrained base model as the baseline row) on an eval set:
 batch inference, final-answer parsing, per-example scores, per-domain / macro / micro metrics.
-The one evaluation of a model: `rebase-ray eval`, every distill stage and the pipeline's
-evaluate stage call `evaluate`, and base and trained models go through the same code.
+The one evaluation of a model: every distill stage and the evaluate stage (`stage.run`, which
+`rebase-ray eval` and the pipeline call) use `evaluate`; base and trained go the same way.
 """
 
 from __future__ import annotations

@@ -1,119 +1,22 @@
-"""Typed configuration for every stage and the three user-facing files.
-
-`sources.yaml`, `task.yaml` and `pipeline.yaml` are validated by the pydantic models below.
-Every model forbids unknown keys, so a misspelled key is an error rather than a silent default;
-`load_yaml` turns pydantic's errors into messages that name the file, the key and what was
-expected.
-"""
+"""The typed config of every stage, and `pipeline.yaml` that holds them (pure pydantic)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration file is invalid; the message names file, key and expectation."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
-
-
-# ----------------------------------------------------------------------------- storage
-
-
-class S3Config(Strict):
-    """S3 connection settings; unset fields fall back to the standard AWS environment variables
-    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
-
-    endpoint_url: str | None = None
-    key: str | None = None
-    secret: str | None = None
-    region: str | None = None
-    anon: bool = False
-
-
-# ----------------------------------------------------------------------------- sources.yaml
-
-
-class SourceConfig(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    path: str = Field(min_length=1, description="local path, glob or s3:// URI")
-    description: str = ""
-    columns: list[str] | None = None
-    max_rows: int | None = Field(default=None, gt=0)
-    domain: str | None = None
-    license: str | None = None
-    format: Literal["auto", "csv", "jsonl", "json", "parquet", "bigbench"] = "auto"
-    config: str = "default"
-    split: str = "train"
-
-
-class SourcesFile(Strict):
-    sources: list[SourceConfig] = Field(min_length=1)
-
-    @field_validator("sources")
-    @classmethod
-    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
-        seen: set[str] = set()
-        for s in sources:
-            if s.name in seen:
-                raise ValueError(f"source name '{s.name}' is used twice; names must be unique")
-            seen.add(s.name)
-        return sources
-
-
-# ----------------------------------------------------------------------------- task.yaml
-
-
-class FewShot(Strict):
-    input: str = Field(min_length=1)
-    output: str = Field(min_length=1)
-
-
-class EvalSetConfig(Strict):
-    path: str
-    input: str = Field(description="a column name, or a template such as '{question}\\n{choices}'")
-    output: str
-    domain: str | None = None
-    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
-    max_rows: int | None = Field(default=None, gt=0)
-
-
-Answer = Literal["label", "span", "free", "code"]
-# inference precision (teacher, IFD, evaluation); models.torch_dtype resolves "auto"
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-AUTO_DTYPE = ("auto: bfloat16 where the device computes it natively (CUDA, a CPU with "
-              "AVX512-BF16 or AMX), else float32")
-
-
-class TaskConfig(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    instruction: str = Field(min_length=1)
-    examples: list[FewShot] = Field(min_length=1)
-    labels: list[str] | None = None
-    answer: Answer = "free"
-    cot: Literal["none", "fewshot", "annotate"] = "none"
-    metric: Literal["accuracy", "exact_match_f1", "pass_at_1"] | None = None
-    exclude_datasets: list[str] = []
-    eval: EvalSetConfig | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TaskConfig:
-        if self.answer == "label" and not self.labels:
-            raise ValueError("answer: label needs a `labels` list")
-        if self.metric is None:
-            default = {"label": "accuracy", "span": "exact_match_f1", "free": "exact_match_f1",
-                       "code": "pass_at_1"}
-            object.__setattr__(self, "metric", default[self.answer])
-        return self
-
+from rebase_ray.config.schema import (
+    AUTO_DTYPE,
+    ConfigError,
+    Dtype,
+    S3Config,
+    SourceConfig,
+    Strict,
+    TaskConfig,
+    config_hash,
+    how,
+)
 
 # ----------------------------------------------------------------------------- stages
 
@@ -126,18 +29,18 @@ class RayConfig(Strict):
 
 class IndexConfig(Strict):
     embedder: str = "bundled:minilm"
-    batch_size: int = Field(default=256, gt=0)
-    num_actors: int = Field(default=1, gt=0)
-    num_cpus_per_actor: float = Field(default=1, gt=0)
-    num_gpus_per_actor: float = Field(default=0, ge=0)
-    torch_threads: int | None = Field(
-        default=None, gt=0, description="threads per embedding actor; None: its CPU count")
-    encode_batch_size: int = Field(default=64, gt=0, description="sentence-transformers batch")
-    piece_cells: int = Field(
-        default=1024, gt=0, description="cells per staged piece of embeddings: pieces are "
+    batch_size: int = how(256, gt=0)
+    num_actors: int = how(1, gt=0)
+    num_cpus_per_actor: float = how(1, gt=0)
+    num_gpus_per_actor: float = how(0, ge=0)
+    torch_threads: int | None = how(
+        None, gt=0, description="threads per embedding actor; None: its CPU count")
+    encode_batch_size: int = how(64, gt=0, description="sentence-transformers batch")
+    piece_cells: int = how(
+        1024, gt=0, description="cells per staged piece of embeddings: pieces are "
         "written as they finish and a rerun of a killed build embeds only the missing ones "
         "(~15 s of a CPU actor's work; each piece writes one file per shard it touches)")
-    build_cpus: float = Field(default=1, gt=0, description="CPUs per shard-index build task")
+    build_cpus: float = how(1, gt=0, description="CPUs per shard-index build task")
     max_value_chars: int = Field(default=2000, gt=0, description="values are cut to this length")
     reject_value_chars: int = Field(
         default=100_000, gt=0, description="values longer than this are rejected, not cut")
@@ -152,22 +55,16 @@ class IndexConfig(Strict):
         default=32, ge=0, le=256, description="index dimensions that carry the dataset score "
         "(exact for shards with at most this many sources); 0: cell similarity alone")
 
-    @staticmethod
-    def _resource_fields() -> set[str]:
-        """The fields that change how a datastore is built, not what is built."""
-        return {"batch_size", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor",
-                "torch_threads", "encode_batch_size", "build_cpus", "piece_cells"}
-
     def build_hash(self) -> str:
         """Hash of the fields that change what is built (not how many resources build it)."""
-        return config_hash(self.model_dump(exclude=self._resource_fields()))
+        return config_hash(self.what())
 
     def embed_hash(self) -> str:
         """Hash of the fields that change which cells are embedded and their vectors: those of
         `build_hash` less the index's own and the shard layout (a build's staging key holds
         its shard count). A field not excluded here counts, so staged embeddings are never
         reused across a change that could alter them."""
-        return config_hash(self.model_dump(exclude=self._resource_fields() | {
+        return config_hash(self.what({
             "shards", "target_shard_cells", "index", "factory", "flat_max_cells",
             "hnsw_max_cells", "train_sample", "dataset_dims"}))
 
@@ -200,22 +97,22 @@ class RetrieveConfig(Strict):
     diversity: bool = Field(default=False, description="MMR re-rank; off: the paper")
     diversity_weight: float = Field(default=0.7, gt=0, le=1, description="MMR score weight")
     ngram: int = Field(default=13, gt=0, description="n of the eval-set n-gram overlap check")
-    shard_cpus: float = Field(default=0.25, gt=0, description="CPUs per shard actor")
+    shard_cpus: float = how(0.25, gt=0, description="CPUs per shard actor")
     search_params: str | None = Field(
         default=None, description='FAISS search params for every shard, e.g. "nprobe=8" or '
         '"efSearch=64"; None: those the datastore was built with')
     embed_cache: int = Field(
         default=10_000, ge=0, description="query texts whose vectors are remembered (least "
         "recently used first out); 0: off")
-    max_batch_size: int = Field(default=16, gt=0, description="endpoint requests per batch")
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    max_batch_size: int = how(16, gt=0, description="endpoint requests per batch")
+    batch_wait_timeout_s: float = how(0.002, ge=0)
     load: Literal["mmap", "memory"] = Field(
         default="mmap", description="mmap: shard indexes and vectors memory-mapped (pages "
         "read on first touch); memory: read into each shard actor's memory at start (no "
         "page faults on a query, needs the shards' size in RAM)")
-    verify: Literal["cached", "full"] = Field(
-        default="cached", description="cached: re-hash a shard file only when its stat changed")
-    serve: ServeConfig = ServeConfig(route_prefix="/retriever")  # beside the teacher at /
+    verify: Literal["cached", "full"] = how(
+        "cached", description="cached: re-hash a shard file only when its stat changed")
+    serve: ServeConfig = how(ServeConfig(route_prefix="/retriever"))  # beside the teacher at /
 
 
 class TeacherConfig(Strict):
@@ -317,18 +214,18 @@ class DistillConfig(Strict):
     synth_shots: int = Field(default=3, gt=0, description="domain examples shown per synthesis")
     ifd_candidates: int = Field(
         default=4, gt=0, description="head candidates scored per unit of quota (IFD cost cap)")
-    ifd_batch_size: int = Field(default=8, gt=0)
+    ifd_batch_size: int = how(8, gt=0)
     ifd_max_new_tokens: int = Field(default=64, gt=0, description="length of the student's ŷ")
-    ifd_actors: int = Field(default=1, gt=0)
-    ifd_num_cpus: float = Field(default=1, gt=0)
-    ifd_num_gpus: float = Field(default=0, ge=0)
-    ifd_torch_threads: int | None = Field(
-        default=None, gt=0, description="torch threads per IFD actor; None: its CPUs")
+    ifd_actors: int = how(1, gt=0)
+    ifd_num_cpus: float = how(1, gt=0)
+    ifd_num_gpus: float = how(0, ge=0)
+    ifd_torch_threads: int | None = how(
+        None, gt=0, description="torch threads per IFD actor; None: its CPUs")
     ifd_dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_tokens: int = Field(default=384, gt=0, description="teacher reply length")
-    concurrency: int = Field(default=8, gt=0, description="teacher requests in flight")
+    concurrency: int = how(8, gt=0, description="teacher requests in flight")
     max_output_chars: int = Field(default=2000, gt=0)
     near_duplicate_threshold: float = Field(default=0.7, gt=0, le=1)
     reply: ReplyFormat = ReplyFormat()
@@ -346,16 +243,14 @@ class DistillConfig(Strict):
 
     def plan_hash(self) -> str:
         """Hash of the fields that change what a run selects (not its resources)."""
-        return config_hash(self.model_dump(exclude={
-            "ifd_batch_size", "ifd_actors", "ifd_num_cpus", "ifd_num_gpus", "ifd_torch_threads",
-            "concurrency"}))
+        return config_hash(self.what())
 
 
 class LoraConfig(Strict):
     r: int = Field(default=8, gt=0)
     alpha: int = Field(default=16, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "v_proj"]
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 class TrainConfig(Strict):
@@ -369,13 +264,13 @@ class TrainConfig(Strict):
     max_tokens: int | None = Field(default=None, gt=0)
     max_examples: int | None = Field(default=None, gt=0)
     max_wall_s: float | None = Field(default=None, gt=0)
-    num_workers: int = Field(default=1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1, gt=0)
-    torch_threads: int | None = Field(
-        default=None, gt=0, description="torch threads per worker; None: its CPUs rounded up")
-    checkpoint_every: int = Field(default=50, gt=0)
-    max_failures: int = Field(default=2, ge=-1)
+    num_workers: int = how(1, gt=0)
+    use_gpu: bool = how(False)
+    cpus_per_worker: float = how(1, gt=0)
+    torch_threads: int | None = how(
+        None, gt=0, description="torch threads per worker; None: its CPUs rounded up")
+    checkpoint_every: int = how(50, gt=0)
+    max_failures: int = how(2, ge=-1)
     merge: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="float32", description="bfloat16: mixed precision (autocast; weights and "
@@ -450,128 +345,3 @@ class PipelineConfig(Strict):
         if self.sources is None and self.datastore is None:
             raise ConfigError(f"{source}: give `sources` (a file or a list) or an existing "
                               "`datastore` URI")
-
-
-# ----------------------------------------------------------------------------- loading
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _expected(err: dict[str, Any]) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    return err["msg"]
-
-
-def format_errors(source: str, model: type[BaseModel], exc: ValidationError) -> str:
-    lines = [f"{source}: invalid {model.__name__} ({exc.error_count()} error(s))"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        line = f"  - {loc}: {_expected(err)}"
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(model, err["loc"][:-1])
-            if parent is not None:
-                line += f"; allowed keys: {', '.join(parent.model_fields)}"
-        elif err["type"] not in ("missing",) and "input" in err:
-            line += f" (got {err['input']!r})"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The nested model class at a pydantic error location, to list its allowed keys."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
-        if field is None:
-            return None
-        current = _first_model(field.annotation)
-        if current is None:
-            return None
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _first_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _first_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def validate(data: Any, model: type[M], source: str = "<config>") -> M:
-    if data is None:
-        raise ConfigError(f"{source}: the file is empty; expected a {model.__name__} mapping")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_errors(source, model, exc)) from None
-
-
-def load_yaml(path: str | Path, model: type[M]) -> M:
-    """Read one YAML file into `model`; errors name the file and the key."""
-    from rebase_ray.storage import Storage
-
-    text = Storage.for_uri(str(path)).read_text(str(path))
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return validate(data, model, str(path))
-
-
-def load_sources(path: str | Path) -> SourcesFile:
-    sources = load_yaml(path, SourcesFile)
-    base = Path(str(path)).parent
-    for s in sources.sources:
-        s.path = _relative_to(s.path, base)
-    return sources
-
-
-def load_task(path: str | Path) -> TaskConfig:
-    task = load_yaml(path, TaskConfig)
-    if task.eval is not None:
-        task.eval.path = _relative_to(task.eval.path, Path(str(path)).parent)
-    return task
-
-
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read pipeline.yaml. Input files it names (task, sources, their data) are resolved relative
-    to it; `storage_root` and `datastore` stay relative to the working directory."""
-    cfg = load_yaml(path, PipelineConfig)
-    base = Path(str(path)).parent
-    if isinstance(cfg.task, str):
-        cfg.task = load_task(_relative_to(cfg.task, base))
-    elif cfg.task.eval is not None:
-        cfg.task.eval.path = _relative_to(cfg.task.eval.path, base)
-    if isinstance(cfg.sources, str):
-        cfg.sources = load_sources(_relative_to(cfg.sources, base)).sources
-    else:
-        for s in cfg.sources or []:
-            s.path = _relative_to(s.path, base)
-    return cfg
-
-
-def _relative_to(uri: str, base: Path) -> str:
-    if "://" in uri or Path(uri).is_absolute():
-        return uri
-    return str((base / uri).resolve())
-
-
-def config_hash(*parts: BaseModel | dict | list | str | None) -> str:
-    """A stable short hash of config objects, stored in manifests to decide what to rebuild."""
-
-    def plain(p: Any) -> Any:
-        return p.model_dump(mode="json") if isinstance(p, BaseModel) else p
-
-    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
