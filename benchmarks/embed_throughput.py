@@ -53,15 +53,15 @@ def main() -> None:
 
     import torch
 
-    from rebase_ray.datastore.embed import column_vectors, embed_dataset, encode
-    from rebase_ray.models import load_embedder
+    from rebase_ray.datastore.embed import column_vectors, embed_dataset
+    from rebase_ray.datastore.encoders import TorchEncoder
 
     torch.set_num_threads(threads)
-    model = load_embedder("bundled:minilm", "cpu")
+    encoder = TorchEncoder("bundled:minilm", "cpu")
     t = time.perf_counter()
-    base_vectors = encode(model, texts, 64)
+    base_vectors = encoder.encode(texts, 64)
     base_s = time.perf_counter() - t
-    del model
+    del encoder
     print(f"plain encode: {base_s:.1f}s, {n / base_s:.0f} cells/s")
 
     import pyarrow as pa
@@ -69,7 +69,7 @@ def main() -> None:
 
     ray.init(num_cpus=threads, log_to_driver=False)
     cfg = IndexConfig(batch_size=args.batch_size, num_actors=1, num_cpus_per_actor=1,
-                      torch_threads=threads, encode_batch_size=64)
+                      torch_threads=threads, encode_batch_size=64, backend="torch")
     ds = ray.data.from_arrow(pa.table({"cell_id": [str(i) for i in range(n)], "value": texts}))
     t = time.perf_counter()
     table = pa.concat_tables(ray.get(embed_dataset(ds, cfg).materialize().to_arrow_refs()))

@@ -295,3 +295,37 @@ def test_endpoint_merges_concurrent_requests(endpoint):
     assert after["batches"] - before["batches"] < 12
     assert [[r["row_key"] for r in rows] for rows in together] == \
         [[r["row_key"] for r in rows] for rows in alone]
+
+
+def test_many_tasks_in_one_call_get_the_hits_of_single_calls(corpus, tmp_path):
+    """Two tasks through `run_many` (one Retriever) and each alone through `run`: the same
+    rows, scores and drops; one hits folder per task; the CLI takes several task files."""
+    from rebase_ray.retrieve.stage import run, run_many
+
+    _, task, store = corpus
+    other = task.model_copy(update={"name": "headline_topic", "eval": None,
+                                    "instruction": "Name the topic of a short headline."})
+    cfg = RetrieveConfig(top_n=12)
+    both = run_many([task, other], store, str(tmp_path / "many"), cfg)
+    assert [s["task"] for s in both["tasks"]] == ["news_topic", "headline_topic"]
+    assert both["startup_s"] > 0 and not any(s.get("skipped") for s in both["tasks"])
+    for t in (task, other):
+        run(t, store, str(tmp_path / "one" / t.name), cfg)
+        for name in ("hits.parquet", "dropped.parquet"):
+            many = pd.read_parquet(tmp_path / "many" / t.name / name)
+            one = pd.read_parquet(tmp_path / "one" / t.name / name)
+            pd.testing.assert_frame_equal(many, one)
+    assert set(pd.read_parquet(tmp_path / "many" / "headline_topic" / "hits.parquet")["task"]) \
+        == {"headline_topic"}
+    again = run_many([task, other], store, str(tmp_path / "many"), cfg)
+    assert all(s["skipped"] for s in again["tasks"]) and again["startup_s"] == 0.0
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(task.model_dump(mode="json")))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(other.model_dump(mode="json")))
+    from rebase_ray.cli import app
+
+    result = CliRunner().invoke(app, [
+        "retrieve", str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml"), "--datastore", store,
+        "--out", str(tmp_path / "many"), "--top", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [s["skipped"] for s in json.loads(result.stdout)["tasks"]] == [True, True]

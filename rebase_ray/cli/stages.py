@@ -93,7 +93,8 @@ def transform(
 
 @app.command()
 def retrieve(
-    task: str = typer.Argument(..., help="task.yaml"),
+    tasks: list[str] = typer.Argument(..., help="task.yaml (several: one hits folder per task, "
+                                                "<out>/<task name>/, with one start of Ray)"),
     datastore: str = typer.Option(..., "--datastore", help="datastore URI (from `index`)"),
     out: str = typer.Option(..., "--out", help="output folder URI"),
     top: int | None = typer.Option(None, "--top", help="rows to keep (default 3000)"),
@@ -104,14 +105,16 @@ def retrieve(
 ) -> None:
     """ReBase retrieval: score every datastore row for the task, keep the top N, decontaminate."""
     from rebase_ray.config import RetrieveConfig, load_pipeline, load_task
-    from rebase_ray.retrieve import retrieve as run_retrieve
+    from rebase_ray.retrieve.stage import run, run_many
 
     def go() -> dict:
         route_logs(out)
         base = load_pipeline(config) if config else None
         cfg = stage_config(base, "retrieve", RetrieveConfig, "retrieve options", {"top_n": top})
-        return run_retrieve(load_task(task), datastore, out, cfg,
-                            s3=base.s3 if base else None, force=force)
+        s3 = base.s3 if base else None
+        if len(tasks) == 1:
+            return run(load_task(tasks[0]), datastore, out, cfg, s3=s3, force=force)
+        return run_many([load_task(t) for t in tasks], datastore, out, cfg, s3=s3, force=force)
 
     run_verb(go, title=f"rebase-ray retrieve → {out}", as_json=as_json)
 

@@ -1,7 +1,8 @@
 """Embedding in Ray Data: `map_batches` over an actor pool, the model loaded once per actor.
 
-Batch size, actor count, CPUs/GPUs per actor and torch threads come from `IndexConfig`; an
-actor with a GPU share encodes on CUDA. Vectors are L2-normalised float32, so inner product
+Batch size, actor count, CPUs/GPUs per actor, threads and the backend (`encoders.py`: ONNX
+Runtime on a CPU, torch on CUDA by default) come from `IndexConfig`; an actor with a GPU share
+encodes on CUDA. Vectors are L2-normalised float32, so inner product
 is cosine similarity. Actors that die are restarted by Ray Data and their batches retried.
 """
 
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from rebase_ray.config import IndexConfig
+from rebase_ray.datastore.encoders import Backend, load_encoder
 
 VECTOR = "vector"
 
@@ -28,26 +30,19 @@ def column_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
-def encode(model, texts: list[str], batch_size: int) -> np.ndarray:
-    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
-    return np.asarray(vectors, dtype=np.float32)
-
-
 class Embedder:
     """Ray Data actor: adds a `vector` column computed from the `value` column."""
 
-    def __init__(self, ref: str, device: str, threads: int, encode_batch_size: int):
+    def __init__(self, ref: str, device: str, threads: int, encode_batch_size: int,
+                 backend: Backend = "auto"):
         import torch
 
-        from rebase_ray.models import load_embedder
-
         torch.set_num_threads(threads)
-        self.model = load_embedder(ref, device)
+        self.encoder = load_encoder(ref, device, backend, threads)
         self.batch_size = encode_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vectors = encode(self.model, batch["value"].to_pylist(), self.batch_size)
+        vectors = self.encoder.encode(batch["value"].to_pylist(), self.batch_size)
         return batch.append_column(VECTOR, vector_column(vectors))
 
 
@@ -60,7 +55,8 @@ def embed_dataset(ds, cfg: IndexConfig, embedder_cls: type = Embedder):
     return ds.map_batches(
         embedder_cls,
         fn_constructor_kwargs={"ref": cfg.embedder, "device": device, "threads": threads,
-                               "encode_batch_size": cfg.encode_batch_size},
+                               "encode_batch_size": cfg.encode_batch_size,
+                               "backend": cfg.backend},
         batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rebase_ray.config import S3Config
-from rebase_ray.datastore.embed import encode
+from rebase_ray.datastore.encoders import load_encoder
 from rebase_ray.datastore.index import read_index
 from rebase_ray.models import cache_dir
 from rebase_ray.storage import ChecksumError, Storage, StorageError, open_storage
@@ -38,7 +38,7 @@ class Datastore:
     def __init__(self, st: Storage, uri: str, manifest: dict, verify: Verify = "cached"):
         self.st, self.uri, self.manifest, self.verify = st, uri, manifest, verify
         self._verified: set[str] = set()
-        self._model = None
+        self._encoder = None
         self._local = None if st.scheme == "file" else (
             cache_dir() / "datastores" / hashlib.sha256(uri.encode()).hexdigest()[:16])
 
@@ -153,11 +153,12 @@ class Datastore:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Texts → L2-normalised float32 vectors with the datastore's own embedder."""
-        if self._model is None:
-            from rebase_ray.models import load_embedder
+        if self._encoder is None:
+            from rebase_ray.models import pick_device
 
-            self._model = load_embedder(self.embedder)
-        return encode(self._model, list(texts), 64)
+            backend = self.manifest.get("index_config", {}).get("backend", "torch")
+            self._encoder = load_encoder(self.embedder, pick_device(), backend)
+        return self._encoder.encode(list(texts), 64)
 
 
 def file_sha256(path: Path, trust_cache: bool = True) -> str:

@@ -133,7 +133,11 @@ def _decode(lm: LM, rows: list[list[int]], limits: list[int], grammar: Any, samp
 
 
 def _has_stop(lm: LM, tokens: list[int], stop: Sequence[str]) -> bool:
-    text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+    """Whether the reply now holds a stop string. It is checked after every token, so a stop
+    string can only be new at the end: the last tokens are decoded, enough for the longest
+    (a character is at most 4 bytes, a token at least one), not the whole reply each time."""
+    window = 4 * max(len(s) for s in stop) + 8
+    text = lm.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
     return any(s in text for s in stop)
 
 

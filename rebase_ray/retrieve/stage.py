@@ -1,6 +1,7 @@
 """The retrieve stage: task.yaml + datastore → `<out>/hits.parquet`, `dropped.parquet` and
-`manifest.json` (with the summary). Resumable: an output whose manifest has the same config
-hash and intact files is kept and its summary returned."""
+`manifest.json` (with the summary); `run_many` retrieves for several tasks with one start of
+Ray and the shard actors. Resumable: an output whose manifest has the same config hash and
+intact files is kept and its summary returned."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from rebase_ray.config import RetrieveConfig, S3Config, TaskConfig, config_hash
+from rebase_ray.config import ConfigError, RetrieveConfig, S3Config, TaskConfig, config_hash
 from rebase_ray.retrieve.decontam import eval_ngrams, excluded_sources
 from rebase_ray.retrieve.retriever import Retrieval, Retriever
 from rebase_ray.runtime import init_ray
@@ -33,31 +34,75 @@ DROPPED_SCHEMA = pa.schema([("row_key", pa.string()), ("dataset", pa.string()),
 def run(task: TaskConfig, datastore: str, out: str, cfg: RetrieveConfig,
         s3: S3Config | None = None, force: bool = False) -> dict:
     """Retrieve the task's top rows from the datastore; returns the stage summary."""
+    return _retrieve([(task, out)], datastore, cfg, s3, force)[0]
+
+
+def run_many(tasks: list[TaskConfig], datastore: str, out: str, cfg: RetrieveConfig,
+             s3: S3Config | None = None, force: bool = False) -> dict:
+    """Several tasks in one call: Ray and the shard actors start once, and each task's rows
+    go to `<out>/<task name>/` as `run` writes them. Returns {"tasks": [each task's summary],
+    "startup_s", "wall_s"}."""
     start = time.time()
+    names = [t.name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"tasks named {repeated} are given more than once: each task's rows "
+                          "go to a folder named after it")
     st, out = open_storage(out, s3)
+    timing: dict[str, float] = {}
+    summaries = _retrieve([(t, st.join(out, t.name)) for t in tasks], datastore, cfg, s3, force,
+                          timing)
+    return {"datastore": summaries[0]["datastore"], "out": out, "tasks": summaries,
+            "startup_s": timing.get("startup_s", 0.0), "wall_s": round(time.time() - start, 2)}
+
+
+def _retrieve(jobs: list[tuple[TaskConfig, str]], datastore: str, cfg: RetrieveConfig,
+              s3: S3Config | None, force: bool, timing: dict[str, float] | None = None
+              ) -> list[dict]:
+    """(task, out) → its summary, in order. A task whose output is complete for the same
+    config is kept (`skipped`); the others share one Retriever, started only if needed."""
     _, datastore = open_storage(datastore, s3)
     store_manifest = Storage.for_uri(datastore, s3).read_manifest(datastore)
     if store_manifest is None:
         raise FileNotFoundError(f"no datastore at {datastore} (manifest.json missing): "
                                 "build one with `rebase-ray index`")
-    key = config_hash(task, cfg.what(), datastore,
-                      [store_manifest.get("files"), store_manifest.get("shards")])
-    previous = st.read_manifest(out)
-    if previous is not None and previous.get("config_hash") == key and not force:
-        st.verify(out, previous)
-        return {**previous["summary"], "skipped": True}
+    summaries: dict[int, dict] = {}
+    todo = []
+    for i, (task, out) in enumerate(jobs):
+        st, out = open_storage(out, s3)
+        key = config_hash(task, cfg.what(), datastore,
+                          [store_manifest.get("files"), store_manifest.get("shards")])
+        previous = st.read_manifest(out)
+        if previous is not None and previous.get("config_hash") == key and not force:
+            st.verify(out, previous)
+            summaries[i] = {**previous["summary"], "skipped": True}
+        else:
+            todo.append((i, task, st, out, key))
+    if todo:
+        t0 = time.time()
+        init_ray()
+        retriever = Retriever(datastore, cfg, s3)
+        if timing is not None:
+            timing["startup_s"] = round(time.time() - t0, 2)
+        try:
+            for i, task, st, out, key in todo:
+                summaries[i] = _retrieve_one(retriever, task, datastore, st, out, key, cfg, s3,
+                                             time.time() - t0 if i == todo[0][0] else 0.0)
+        finally:
+            retriever.close()
+    return [summaries[i] for i in range(len(jobs))]
 
-    init_ray()
-    retriever = Retriever(datastore, cfg, s3)
-    try:
-        query = retriever.query(task.instruction, [e.input for e in task.examples],
-                                [e.output for e in task.examples])
-        exclude = excluded_sources(retriever.source_names, task)
-        contamination = eval_ngrams(task, cfg.ngram, s3) if task.eval else None
-        result = retriever.search(query, cfg.top_n, exclude, contamination)
-    finally:
-        retriever.close()
 
+def _retrieve_one(retriever: Retriever, task: TaskConfig, datastore: str, st: Storage, out: str,
+                  key: str, cfg: RetrieveConfig, s3: S3Config | None, startup_s: float) -> dict:
+    """One task's search, written to `out`; its wall time includes the start-up it waited
+    for (the first task of a call)."""
+    start = time.time() - startup_s
+    query = retriever.query(task.instruction, [e.input for e in task.examples],
+                            [e.output for e in task.examples])
+    exclude = excluded_sources(retriever.source_names, task)
+    contamination = eval_ngrams(task, cfg.ngram, s3) if task.eval else None
+    result = retriever.search(query, cfg.top_n, exclude, contamination)
     hits = [{**h, "task": task.name, "row": json.dumps(h["row"], ensure_ascii=False)}
             for h in result.hits]
     st.write_parquet(st.join(out, HITS), pa.Table.from_pylist(hits, schema=HITS_SCHEMA))

@@ -1,0 +1,151 @@
+"""Sentence encoders behind one `encode(texts, batch_size)`: sentence-transformers on torch, or
+the same model exported to ONNX and run by ONNX Runtime (`index.backend: onnx`, the CPU
+default: 1.62x the cells/s of torch on 2 cores, minimum cosine 0.9999998 between the two
+vectors of a cell, benchmarks/embed_onnx.py).
+
+The export is our own (`torch.onnx.export`, dynamic batch and sequence axes): the
+sentence-transformers `backend="onnx"` needs optimum-onnx, which pins transformers<4.58.
+It is written once per model into the model cache (a file lock keeps concurrent actors from
+exporting twice) and the pooling the model declares (mean over the attention mask, then L2
+normalisation) is applied to ONNX Runtime's output. Vectors are L2-normalised float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Backend = Literal["auto", "torch", "onnx"]
+ONNX_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+OPSET = 17
+
+
+def resolve_backend(backend: Backend, device: str) -> str:
+    """auto: ONNX Runtime on a CPU, torch on CUDA."""
+    if backend == "auto":
+        return "onnx" if device == "cpu" else "torch"
+    return backend
+
+
+class TorchEncoder:
+    """sentence-transformers' own `encode`."""
+
+    def __init__(self, ref: str, device: str):
+        from rebase_ray.models import load_embedder
+
+        self.model = load_embedder(ref, device)
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        vectors = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                    convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class OnnxEncoder:
+    """The model's transformer through ONNX Runtime, pooled as the model declares."""
+
+    def __init__(self, ref: str, threads: int):
+        import onnxruntime as ort
+
+        from rebase_ray.models import load_embedder
+
+        st = load_embedder(ref, "cpu")
+        self.tokenizer, self.max_len = st.tokenizer, st.max_seq_length
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(onnx_model(ref, st)), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Batches of similar length (as sentence-transformers' `encode` sorts them)."""
+        out: np.ndarray | None = None
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                 max_length=self.max_len, return_tensors="np")
+            hidden = self.session.run(None, {k: enc[k].astype(np.int64) for k in self.inputs})[0]
+            mask = enc["attention_mask"][..., None].astype(np.float32)
+            vectors = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+            if out is None:
+                out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def load_encoder(ref: str, device: str, backend: Backend = "auto", threads: int = 0):
+    """The encoder of `ref` for `device` (cpu or cuda) and `backend`; `threads` is ONNX
+    Runtime's (0: its default, every core; torch's are set by the caller)."""
+    if resolve_backend(backend, device) == "onnx":
+        if device != "cpu":
+            raise ValueError("index.backend onnx runs on the CPU; use torch (or auto) on a GPU")
+        return OnnxEncoder(ref, threads)
+    return TorchEncoder(ref, device)
+
+
+def onnx_model(ref: str, st) -> Path:
+    """The ONNX export of sentence-transformers model `st` (loaded from `ref`), made once."""
+    import onnx
+    import torch
+    from filelock import FileLock
+
+    from rebase_ray.models import ModelError, cache_dir, resolve
+
+    _check_pooling(st)
+    key = hashlib.sha256(f"{resolve(ref)}\x1f{torch.__version__}\x1f{onnx.__version__}"
+                         f"\x1f{OPSET}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "onnx" / key
+    path = folder / "model.onnx"
+    if (folder / ".complete").exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / ".complete").exists():  # another actor exported it meanwhile
+            return path
+        model = st[0].auto_model.eval()
+        names = [n for n in ONNX_INPUTS if n in st.tokenizer.model_input_names]
+        sample = st.tokenizer(["a short one", "a padded, somewhat longer example"],
+                              padding=True, return_tensors="pt")
+        try:
+            axes = {k: {0: "batch", 1: "seq"} for k in [*names, "hidden"]}
+            torch.onnx.export(_keyword_inputs(model, names), tuple(sample[k] for k in names),
+                              str(path), input_names=names, output_names=["hidden"],
+                              opset_version=OPSET, dynamo=False, dynamic_axes=axes)
+        except Exception as exc:  # any exporter failure: say which model and what to do
+            raise ModelError(f"{ref}: the ONNX export failed ({type(exc).__name__}: {exc}); "
+                             "use index.backend: torch") from exc
+        (folder / ".complete").write_text(ref)
+    return path
+
+
+def _check_pooling(st) -> None:
+    from rebase_ray.models import ModelError
+
+    pooling = st[1].get_config_dict() if len(st) > 1 else {}
+    # sentence-transformers 3-5 and 6 spell the mode differently
+    mean = pooling.get("pooling_mode") == "mean" or pooling.get("pooling_mode_mean_tokens")
+    if len(st) != 3 or not mean or type(st[2]).__name__ != "Normalize":
+        raise ModelError("index.backend onnx handles transformer + mean pooling + Normalize "
+                         f"models only, not {[type(m).__name__ for m in st]} ({pooling}); use "
+                         "index.backend: torch")
+
+
+def _keyword_inputs(model, names: list[str]):
+    """A module that calls the transformer with keyword inputs (its forward's positional order
+    changed in transformers 5.x)."""
+    import torch
+
+    class KeywordInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs):
+            return self.model(**dict(zip(names, inputs))).last_hidden_state
+
+    return KeywordInputs()
