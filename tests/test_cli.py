@@ -48,3 +48,13 @@ def test_version():
     res = run_cli("--version")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == __version__
+
+
+def test_demo_default_folder_is_the_checkouts_examples():
+    """`rebase-ray demo` without --dir finds examples/demo of this checkout."""
+    from pathlib import Path
+
+    from rebase_ray.cli.pipeline import default_demo_folder
+
+    assert (default_demo_folder() / "pipeline.yaml").exists()
+    assert default_demo_folder() == Path(__file__).resolve().parent.parent / "examples" / "demo"

@@ -40,6 +40,15 @@ def run(
     run_verb(go, title=f"rebase-ray run {pipeline}", as_json=as_json)
 
 
+def default_demo_folder():
+    """examples/demo of the checkout this package is installed from (editable install)."""
+    from pathlib import Path
+
+    import rebase_ray
+
+    return Path(rebase_ray.__file__).resolve().parent.parent / "examples" / "demo"
+
+
 @app.command()
 def demo(
     folder: str | None = typer.Option(
@@ -54,7 +63,7 @@ def demo(
     from rebase_ray.demo import prepare
     from rebase_ray.pipeline import run as run_pipeline
 
-    where = Path(folder) if folder else Path(__file__).resolve().parent.parent / "examples" / "demo"
+    where = Path(folder) if folder else default_demo_folder()
     if not (where / "pipeline.yaml").exists():
         console.print(f"[red]error:[/red] no pipeline.yaml in {where} (use --dir)")
         raise typer.Exit(2)
