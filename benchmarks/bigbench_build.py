@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rebase_ray.config import IndexConfig, SourceConfig
+from rebase_ray.config import IndexConfig, Resources, SourceConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CATALOG = (REPO.parent / "shared" / "data" / "corpora" / "bigbench_subset"
@@ -78,7 +78,7 @@ def main() -> None:
 
     shutil.rmtree(args.out, ignore_errors=True)
     ray.init(num_cpus=args.threads, log_to_driver=False)
-    cfg = IndexConfig(num_actors=1, num_cpus_per_actor=1, torch_threads=args.threads)
+    cfg = IndexConfig(resources=Resources(actors=1, cpus=1, threads=args.threads))
     t = time.perf_counter()
     summary = build_datastore(sources, str(args.out), cfg)
     wall = time.perf_counter() - t

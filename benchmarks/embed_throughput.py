@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rebase_ray.config import IndexConfig, SourceConfig
+from rebase_ray.config import IndexConfig, Resources, SourceConfig
 from rebase_ray.models import cache_dir
 from rebase_ray.sources import parse_file
 
@@ -53,7 +53,7 @@ def main() -> None:
 
     import torch
 
-    from rebase_ray.datastore.embed import column_vectors, embed_dataset
+    from rebase_ray.datastore.embed import column_vectors, embed_dataset, embed_plan
     from rebase_ray.datastore.encoders import TorchEncoder
 
     torch.set_num_threads(threads)
@@ -68,11 +68,12 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=threads, log_to_driver=False)
-    cfg = IndexConfig(batch_size=args.batch_size, num_actors=1, num_cpus_per_actor=1,
-                      torch_threads=threads, encode_batch_size=64, backend="torch")
+    cfg = IndexConfig(batch_size=args.batch_size, encode_batch_size=64, backend="torch",
+                      resources=Resources(actors=1, cpus=1, threads=threads))
     ds = ray.data.from_arrow(pa.table({"cell_id": [str(i) for i in range(n)], "value": texts}))
     t = time.perf_counter()
-    table = pa.concat_tables(ray.get(embed_dataset(ds, cfg).materialize().to_arrow_refs()))
+    pool = embed_plan(cfg, n)
+    table = pa.concat_tables(ray.get(embed_dataset(ds, cfg, pool).materialize().to_arrow_refs()))
     ray_s = time.perf_counter() - t
     ray.shutdown()
     order = np.argsort(np.array(table["cell_id"].to_pylist(), dtype=np.int64))

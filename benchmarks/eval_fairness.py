@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--mmlu-per-subject", type=int, default=10)
     args = ap.parse_args()
 
-    from rebase_ray.config import EvaluateConfig, FewShot, TaskConfig
+    from rebase_ray.config import EvaluateConfig, FewShot, Resources, TaskConfig
     from rebase_ray.evaluate import evaluate
     from rebase_ray.models import SMOLLM2
     from rebase_ray.runtime import init_ray
@@ -72,8 +72,8 @@ def main() -> None:
             examples=[FewShot(input="2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6", output="B")]),
             mmlu(args.mmlu_per_subject))}
     init_ray()
-    cfg = EvaluateConfig(batch_size=16, max_new_tokens=16, torch_threads=os.cpu_count(),
-                         num_cpus_per_actor=1)
+    cfg = EvaluateConfig(batch_size=16, max_new_tokens=16,
+                         resources=Resources(actors=1, cpus=1, threads=os.cpu_count()))
     results = {"model": SMOLLM2, "tasks": {}}
     for name, (task, records) in tasks.items():
         r = evaluate(task, records, SMOLLM2, None, cfg)

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     args = ap.parse_args()
 
-    from rebase_ray.config import EvaluateConfig, FewShot, TaskConfig
+    from rebase_ray.config import EvaluateConfig, FewShot, Resources, TaskConfig
     from rebase_ray.evaluate import evaluate
     from rebase_ray.models import SMOLLM2
     from rebase_ray.runtime import init_ray
@@ -52,7 +52,7 @@ def main() -> None:
                                    ("loglikelihood", False, records),
                                    ("generative", True, records)):
         cfg = EvaluateConfig(batch_size=16, max_new_tokens=args.max_new_tokens,
-                             torch_threads=threads, num_cpus_per_actor=1,
+                             resources=Resources(actors=1, cpus=1, threads=threads),
                              generative=generative)
         start = time.perf_counter()
         r = evaluate(task, rows, SMOLLM2, None, cfg)

@@ -108,8 +108,8 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     results = {"teacher": SMOLLM2, "rows_per_task": args.rows, "tasks": {}}
-    teacher = TeacherConfig(model=SMOLLM2, max_batch_size=16, torch_threads=os.cpu_count(),
-                            serve=ServeConfig(port=0, num_cpus=1))
+    teacher = TeacherConfig(model=SMOLLM2, max_batch_size=16,
+                            serve=ServeConfig(port=0, cpus=1, threads=os.cpu_count()))
     filters = {"none": LabelCheck(mode="none"), "roundtrip": LabelCheck(mode="roundtrip"),
                "vote": LabelCheck(mode="vote", votes=args.votes,
                                   min_agreement=args.min_agreement)}

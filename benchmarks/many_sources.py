@@ -115,7 +115,7 @@ def main() -> None:
     if not args.skip_build:
         listed = sources(args.sources, args.max_rows)
         (work / "sources.yaml").write_text(yaml.safe_dump({"sources": listed}))
-        (work / "pipeline.yaml").write_text(yaml.safe_dump({"index": {"torch_threads": threads}}))
+        (work / "pipeline.yaml").write_text(yaml.safe_dump({"index": {"resources": {"threads": threads}}}))
         wall, summary = cli("index", str(work / "sources.yaml"), "--out", str(store),
                             "--config", str(work / "pipeline.yaml"), "--force")
         result["build"] = {"cells": summary["cells"], "wall_s": round(wall, 1),

@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 from index_build import real_vectors, scale
 
-from rebase_ray.config import IndexConfig, RetrieveConfig, config_hash
+from rebase_ray.config import IndexConfig, Resources, RetrieveConfig, config_hash
 from rebase_ray.datastore.index import build_index, dataset_basis, with_datasets
 from rebase_ray.datastore.shards import npy_bytes, shard_name
 from rebase_ray.datastore.stage import SOURCES_SCHEMA
@@ -185,7 +185,8 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     params = f"nprobe={args.nprobe}" if "IVF" in args.factory else None
     cfg = RetrieveConfig(top_n=args.top, candidates_per_query=args.candidates,
-                         exact=args.exact, load=args.load, shard_cpus=1 / args.shards, search_params=params)
+                         exact=args.exact, load=args.load, resources=Resources(cpus=1 / args.shards),
+                         search_params=params)
     t = time.perf_counter()
     retriever = Retriever(uri, cfg)
     open_s = time.perf_counter() - t

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from rebase_ray.config import RetrieveConfig, ServeConfig
+from rebase_ray.config import Resources, RetrieveConfig, ServeConfig
 from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.models import cache_dir
 
@@ -72,8 +72,8 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     cfg = RetrieveConfig(top_n=10, candidates_per_query=args.candidates, load=args.load,
                          search_params=f"nprobe={args.nprobe}" if "IVF" in args.factory else None,
-                         shard_cpus=1 / args.shards,
-                         serve=ServeConfig(port=0, route_prefix="/retriever", num_cpus=1))
+                         resources=Resources(cpus=1 / args.shards),
+                         serve=ServeConfig(port=0, route_prefix="/retriever", cpus=1))
     latencies: list[float] = []
     errors = [0]
     sent = iter(range(10**9))  # request numbers, shared by the clients

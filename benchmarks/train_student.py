@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
-from rebase_ray.config import EvaluateConfig, TaskConfig, TrainConfig
+from rebase_ray.config import EvaluateConfig, Resources, TaskConfig, TrainConfig
 from rebase_ray.evaluate import evaluate
 from rebase_ray.models import SMOLLM2
 from rebase_ray.train import train_student
@@ -60,13 +60,13 @@ def main() -> None:
 
     ray.init(num_cpus=2, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    cfg = TrainConfig(model=SMOLLM2, num_workers=args.workers, cpus_per_worker=2 / args.workers,
+    cfg = TrainConfig(model=SMOLLM2, resources=Resources(actors=args.workers, cpus=2 / args.workers),
                       batch_size=8, learning_rate=5e-4, epochs=1, checkpoint_every=1000)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         summary = train_student(pa.Table.from_pylist(train_rows), TASK, cfg, tmp)
         train_wall = time.time() - t0
-        ecfg = EvaluateConfig(batch_size=16, max_new_tokens=8, num_cpus_per_actor=2)
+        ecfg = EvaluateConfig(batch_size=16, max_new_tokens=8, resources=Resources(actors=1, cpus=2))
         result = evaluate(TASK, eval_rows, SMOLLM2, summary["adapter"], ecfg)
     ray.shutdown()
 

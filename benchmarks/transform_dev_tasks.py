@@ -113,8 +113,8 @@ def main() -> None:
     results = {"datastore": {"sources": len(sources), "rows_per_source": args.source_rows,
                              "cells": built["cells"]},
                "teacher": SMOLLM2, "rows_per_task": args.rows, "tasks": {}}
-    teacher = TeacherConfig(model=SMOLLM2, max_batch_size=8, torch_threads=os.cpu_count(),
-                            serve=ServeConfig(port=0, num_cpus=1))
+    teacher = TeacherConfig(model=SMOLLM2, max_batch_size=8,
+                            serve=ServeConfig(port=0, cpus=1, threads=os.cpu_count()))
     with local_teacher(teacher) as url:
         for name, task in tasks.items():
             out = tmp / name

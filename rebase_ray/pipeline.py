@@ -52,10 +52,13 @@ class Run:
                                        c.retrieve.what())
         teacher = (c.teacher.model, c.teacher.url, c.teacher.served_model_name)
         keys["transform"] = config_hash(keys["retrieve"], c.transform, *teacher)
-        keys["distill"] = config_hash(keys["transform"], c.distill, c.train, c.evaluate)
-        keys["baselines"] = config_hash(keys["distill"], c.evaluate.baselines, c.train,
+        # what each stage produces, not its resources (`Strict.what`): a resource change
+        # reuses finished stages
+        keys["distill"] = config_hash(keys["transform"], c.distill.what(), c.train.what(),
+                                      c.evaluate.what())
+        keys["baselines"] = config_hash(keys["distill"], c.evaluate.baselines, c.train.what(),
                                         c.transform, *teacher)
-        keys["evaluate"] = config_hash(keys["baselines"], c.evaluate)
+        keys["evaluate"] = config_hash(keys["baselines"], c.evaluate.what())
         return keys
 
     def needs_teacher(self, stage: str) -> bool:

@@ -1,5 +1,6 @@
 """Starting or joining Ray: the one place that calls `ray.init`, so every verb and stage
-honours the pipeline's `ray` section (address, CPUs, GPUs) and keeps stdout clean.
+honours the pipeline's `ray` section (address, CPUs, GPUs) and keeps stdout clean; and
+`resolve_resources`: a stage's `Resources` made concrete from what the cluster has free when it starts.
 
 SIGTERM (`kill`, a container or job stop) ends a process that called `init_ray` as Ctrl+C does:
 KeyboardInterrupt unwinds the verb, and Ray's exit hook shuts down the local Ray it started
@@ -9,10 +10,15 @@ outlived the process. Nothing can run on SIGKILL: then `ray stop` ends what is l
 
 from __future__ import annotations
 
+import logging
+import math
 import signal
 import threading
+from dataclasses import dataclass
 
-from rebase_ray.config import RayConfig
+from rebase_ray.config import RayConfig, Resources
+
+log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -31,3 +37,64 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl+C: see above
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A `Resources` resolved against the cluster: what a stage's actor pool asks Ray for."""
+
+    actors: int
+    cpus: float
+    gpus: float
+    threads: int
+
+    def summary(self) -> dict[str, float]:
+        """The resolved values, as each stage's summary states them."""
+        return {"actors": self.actors, "cpus_per_actor": self.cpus,
+                "gpus_per_actor": self.gpus, "threads_per_actor": self.threads}
+
+
+def plan(res: Resources, free_cpus: float, free_gpus: float, node_cpus: float,
+         most: int | None = None, reserve: float = 0.0) -> Plan:
+    """`res` with its unset values filled in from `free_cpus`/`free_gpus` (free in the cluster
+    now) and `node_cpus` (the largest node's CPUs): see `Resources`. `most`: the stage's work in
+    actor-sized pieces (batches, shards), the most actors worth starting; `reserve`: CPUs left
+    free for the tasks that feed the pool (Ray Data reads), lent to its threads."""
+    usable = max(0.0, free_cpus - reserve)
+    actors = res.actors
+    if actors is None:
+        if res.gpus > 0:
+            actors = int(free_gpus // res.gpus)
+        else:
+            actors = int(usable // (res.cpus or 1))
+        actors = max(1, min(actors, most if most else actors))
+    cpus = res.cpus
+    if cpus is None:
+        share = min(math.floor(100 * usable / actors) / 100, node_cpus)
+        if res.gpus > 0:
+            cpus = 1.0
+        elif share >= 0.01:
+            cpus = share
+        else:  # nothing free: ask for one (an autoscaler adds it, or a stage ending frees it)
+            log.warning("no free CPUs in the Ray cluster: asking 1 CPU per actor")
+            cpus = 1.0
+    threads = res.threads or max(math.ceil(cpus),
+                                 min(int(free_cpus / actors + 0.5), int(node_cpus)))
+    return Plan(actors, cpus, res.gpus, max(1, threads))
+
+
+def resolve_resources(res: Resources, most: int | None = None, reserve: float = 0.0,
+            held: float = 0.0) -> Plan:
+    """`plan` against the running Ray cluster's free resources at this moment (a stage
+    resolves when it starts, so what earlier stages hold, e.g. the teacher's Serve replica, is
+    not asked for again). `held`: CPUs the caller (an actor already started) holds itself."""
+    import ray
+
+    free = ray.available_resources()
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
+                    default=1.0)
+    chosen = plan(res, free.get("CPU", 0.0) + held, free.get("GPU", 0.0), node_cpus, most,
+                  reserve)
+    log.info("resources: %s from %s free", chosen.summary(), {k: free.get(k, 0.0)
+                                                              for k in ("CPU", "GPU")})
+    return chosen

@@ -4,9 +4,13 @@ import pytest
 
 from rebase_ray.config import (
     ConfigError,
+    IndexConfig,
     PipelineConfig,
+    Resources,
+    RetrieveConfig,
     SourcesFile,
     TaskConfig,
+    TrainConfig,
     load_pipeline,
     load_sources,
     load_task,
@@ -132,3 +136,83 @@ def test_semantic_errors(tmp_path):
         load_task(write(tmp_path, "empty.yaml", ""))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_task(write(tmp_path, "bad.yaml", "name: [unclosed"))
+
+
+OLD_RESOURCE_KEYS = """
+task: task.yaml
+index: {num_actors: 2, num_cpus_per_actor: 0.5, num_gpus_per_actor: 0, torch_threads: 3,
+        build_cpus: 2}
+retrieve: {shard_cpus: 0.1, serve: {num_cpus: 0.25}}
+teacher: {torch_threads: 2, serve: {num_cpus: 0.5, num_gpus: 1}}
+distill: {ifd_actors: 1, ifd_num_cpus: 0.5, ifd_num_gpus: 0, ifd_torch_threads: 2}
+train: {num_workers: 2, use_gpu: true, cpus_per_worker: 0.5, torch_threads: 4}
+evaluate: {num_actors: 1, num_cpus_per_actor: 2, num_gpus_per_actor: 0, torch_threads: 2}
+"""
+
+
+def test_old_resource_keys_load_onto_resources_with_a_warning(tmp_path, caplog):
+    write(tmp_path, "task.yaml", TASK)
+    with caplog.at_level("WARNING", logger="rebase_ray.config.resources"):
+        cfg = load_pipeline(write(tmp_path, "pipeline.yaml", OLD_RESOURCE_KEYS))
+    assert cfg.index.resources == Resources(actors=2, cpus=0.5, gpus=0, threads=3)
+    assert cfg.index.build == Resources(cpus=2)
+    assert cfg.retrieve.resources == Resources(cpus=0.1)
+    assert (cfg.retrieve.serve.cpus, cfg.teacher.serve.cpus) == (0.25, 0.5)
+    assert (cfg.teacher.serve.gpus, cfg.teacher.serve.threads) == (1, 2)
+    assert cfg.distill.ifd_resources == Resources(actors=1, cpus=0.5, threads=2)
+    assert cfg.train.resources == Resources(actors=2, cpus=0.5, gpus=1, threads=4)
+    assert cfg.evaluate.resources == Resources(actors=1, cpus=2, threads=2)
+    warned = caplog.text
+    for old, new in [("index.num_cpus_per_actor", "index.resources.cpus"),
+                     ("index.build_cpus", "index.build.cpus"),
+                     ("retrieve.shard_cpus", "retrieve.resources.cpus"),
+                     ("serve.num_cpus", "serve.cpus"),
+                     ("teacher.torch_threads", "teacher.serve.threads"),
+                     ("distill.ifd_num_cpus", "distill.ifd_resources.cpus"),
+                     ("train.use_gpu", "train.resources.gpus"),
+                     ("evaluate.num_actors", "evaluate.resources.actors")]:
+        assert f"{old} is deprecated and will be removed: use {new}" in warned
+
+
+def test_an_old_key_beside_its_new_one_is_an_error(tmp_path):
+    write(tmp_path, "task.yaml", TASK)
+    p = write(tmp_path, "pipeline.yaml", "task: task.yaml\n"
+              "evaluate: {num_cpus_per_actor: 1, resources: {cpus: 2}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(p)
+    assert "evaluate.num_cpus_per_actor" in str(err.value)
+    assert "evaluate.resources.cpus" in str(err.value)
+
+
+def test_unset_resource_keys_keep_the_section_defaults():
+    """A partial `resources` keeps the section's own defaults (train: one worker of 1 CPU, so
+    the global batch never follows the machine; retrieve: 0.25 CPU a shard actor)."""
+    assert TrainConfig(resources={"threads": 2}).resources == Resources(actors=1, cpus=1,
+                                                                         threads=2)
+    assert IndexConfig(build={"threads": 2}).build == Resources(cpus=1, threads=2)
+    assert RetrieveConfig().resources.cpus == 0.25
+    with pytest.raises(ValueError, match="only `cpus` applies"):
+        RetrieveConfig(resources={"threads": 2})
+
+
+def test_resources_are_how_fields(tmp_path):
+    """Resources change how a stage runs, never what it produces: every config hash (the
+    datastore's build and embedding keys, distill's plan, the pipeline's stage keys) stays."""
+    from rebase_ray.pipeline import Run
+
+    write(tmp_path, "task.yaml", TASK)
+    base = load_pipeline(write(tmp_path, "pipeline.yaml", "task: task.yaml\nsources: []\n"
+                               f"storage_root: {tmp_path / 'art'}\n"))
+    other = Resources(actors=3, cpus=0.5, gpus=1, threads=7)
+    changed = base.model_copy(update={
+        "index": base.index.model_copy(update={"resources": other, "build": other}),
+        "retrieve": base.retrieve.model_copy(update={"resources": Resources(cpus=2)}),
+        "distill": base.distill.model_copy(update={"ifd_resources": other}),
+        "train": base.train.model_copy(update={"resources": other}),
+        "evaluate": base.evaluate.model_copy(update={"resources": other})})
+    assert changed.index.build_hash() == base.index.build_hash()
+    assert changed.index.embed_hash() == base.index.embed_hash()
+    assert changed.distill.plan_hash() == base.distill.plan_hash()
+    assert Run(changed).keys() == Run(base).keys()
+    # and a field that changes what is made does change them
+    assert base.index.model_copy(update={"embedder": "x"}).build_hash() != base.index.build_hash()

@@ -22,9 +22,9 @@ from test_sources import CFG, EXPECTED, write_corpus
 from typer.testing import CliRunner
 
 from rebase_ray.cli import app
-from rebase_ray.config import SourceConfig
+from rebase_ray.config import Resources, SourceConfig
 from rebase_ray.datastore import ChecksumError, Datastore, build_datastore, stage
-from rebase_ray.datastore.embed import Embedder, column_vectors, embed_dataset
+from rebase_ray.datastore.embed import Embedder, column_vectors, embed_dataset, embed_plan
 from rebase_ray.datastore.index import with_datasets
 from rebase_ray.datastore.stage import staging_key
 from rebase_ray.storage import StorageError, open_storage
@@ -62,6 +62,9 @@ def test_build_counts_and_layout(built):
     assert summary["cells"] == summary["cells_embedded"] == TOTAL_CELLS
     assert summary["descriptions_embedded"] == len(sources)
     assert (summary["shards"], summary["shards_built"], summary["index"]) == (2, 2, "Flat x2")
+    # the pools' resolved resources are stated: at most one build task per shard
+    assert summary["resources"]["actors"] >= 1 and summary["resources"]["threads_per_actor"] >= 1
+    assert 1 <= summary["build_resources"]["actors"] <= 2
     ds = Datastore.open(out)
     m = ds.manifest
     assert (m["embedder"], m["dim"], m["metric"]) == ("bundled:minilm", 384, "ip")
@@ -157,7 +160,7 @@ class Slow(Embedder):
 
 ray.init(address=sys.argv[1], log_to_driver=False,
          runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-stage.embed_dataset = lambda ds, cfg: embed_dataset(ds, cfg, Slow)
+stage.embed_dataset = lambda ds, cfg, pool: embed_dataset(ds, cfg, pool, Slow)
 stage.run([SourceConfig(**s) for s in json.loads(sys.argv[2])], sys.argv[3],
                       IndexConfig.model_validate_json(sys.argv[4]))
 """
@@ -244,7 +247,7 @@ def test_staged_embeddings_are_kept_only_for_what_they_depend_on(tmp_path):
     not with the index or the resources; a rerun deletes the staging of any other key."""
     key = staging_key(CFG, ["a", "b"], 0, 2)
     same = CFG.model_copy(update={"index": "hnsw", "dataset_dims": 0, "batch_size": 1,
-                                  "num_actors": 3, "piece_cells": 7, "shards": 5})
+                                  "resources": Resources(actors=3), "piece_cells": 7, "shards": 5})
     assert staging_key(same, ["b", "a"], 0, 2) == key
     others = [staging_key(CFG.model_copy(update={"embedder": "bundled:other"}), ["a", "b"], 0, 2),
               staging_key(CFG.model_copy(update={"max_value_chars": 9}), ["a", "b"], 0, 2),
@@ -363,7 +366,7 @@ def test_killed_embedding_actor_loses_and_duplicates_nothing(tmp_path, ray_clust
     values = [f"cell number {i}" for i in range(n)]
     ds = ray.data.from_arrow(pa.table({"cell_id": [str(i) for i in range(n)], "value": values}))
     marker = str(tmp_path / "crashed")
-    out = embed_dataset(ds, CFG, _crash_once(marker)).to_arrow_refs()
+    out = embed_dataset(ds, CFG, embed_plan(CFG, n), _crash_once(marker)).to_arrow_refs()
     table = pa.concat_tables(ray.get(out))
     assert os.path.exists(marker)  # the actor did die once
     assert table.num_rows == n and sorted(table["cell_id"].to_pylist()) == sorted(

@@ -28,7 +28,7 @@ def reduced_demo(folder):
     pipe = yaml.safe_load((DEMO / "pipeline.yaml").read_text())
     pipe["retrieve"]["top_n"] = 12
     pipe["teacher"].update(model="bundled:tiny-random-llama", max_batch_size=8,
-                           serve={"num_cpus": 0.5, "port": 0})
+                           serve={"cpus": 0.5, "port": 0})
     # the random teacher's labels are noise: its round trip would confirm almost none
     pipe["transform"].update(min_examples=1, max_tokens=96, label_check={"mode": "none"})
     pipe["distill"].update(budget=8, max_tokens=96, ifd_max_new_tokens=4)

@@ -19,6 +19,7 @@ from rebase_ray.config import (
     EvaluateConfig,
     FewShot,
     LoraConfig,
+    Resources,
     ServeConfig,
     TaskConfig,
     TeacherConfig,
@@ -78,13 +79,16 @@ def replay(prompt: str) -> str:
                        "output": "It sounds happy.\nAnswer: pos"})
 
 
+HALF = Resources(actors=1, cpus=0.5, threads=1)  # one actor beside the replay teacher
+
+
 def configs(stages=2, budget=12, mode="balanced", **distill):
     return (DistillConfig(stages=stages, budget=budget, mode=mode, ifd_candidates=2,
-                          ifd_batch_size=4, ifd_max_new_tokens=4, ifd_num_cpus=0.5,
+                          ifd_batch_size=4, ifd_max_new_tokens=4, ifd_resources=HALF,
                           max_tokens=64, concurrency=4, synth_shots=2, **distill),
             TrainConfig(model=TINY, max_steps=2, batch_size=2, max_seq_len=128,
-                        cpus_per_worker=0.5, lora=LoraConfig(r=2, alpha=4)),
-            EvaluateConfig(batch_size=4, max_new_tokens=4, num_cpus_per_actor=0.5))
+                        resources=HALF, lora=LoraConfig(r=2, alpha=4)),
+            EvaluateConfig(batch_size=4, max_new_tokens=4, resources=HALF))
 
 
 def test_ifd_matches_a_direct_computation(ray_cluster):
@@ -98,8 +102,9 @@ def test_ifd_matches_a_direct_computation(ray_cluster):
     frame = pd.DataFrame({"example_id": list("wxyz"), "domain": "d", "input": inputs})
     # float32 on both sides: "auto" is bfloat16 on a CPU with native bfloat16, where a padded
     # batch and a single row would differ by more than the tolerance
-    scored = score_ifd(frame, TINY, None, INSTRUCTION, batch_size=4, max_new_tokens=5,
-                       num_cpus=0.5, dtype="float32")
+    scored, pool = score_ifd(frame, TINY, None, INSTRUCTION, batch_size=4, max_new_tokens=5,
+                             resources=Resources(actors=1, cpus=0.5), dtype="float32")
+    assert pool["actors"] == 1 and pool["cpus_per_actor"] == 0.5
     assert list(scored["example_id"]) == list("wxyz")
 
     model, tok = load_causal_lm(TINY, dtype="float32")
@@ -245,7 +250,7 @@ def test_budget_and_resume_on_the_real_serve_teacher(ray_cluster, serve_port, tm
     from rebase_ray.teacher.client import TeacherClient
 
     cfg = TeacherConfig(model=TINY, max_batch_size=8,
-                        serve=ServeConfig(port=serve_port, num_cpus=0.5, route_prefix="/distill"))
+                        serve=ServeConfig(port=serve_port, cpus=0.5, route_prefix="/distill"))
     distill_cfg, train_cfg, eval_cfg = configs(stages=2, budget=5, reply={"structured": False},
                                                task_examples=False)
     out = str(tmp_path / "out")

@@ -7,9 +7,11 @@ alone."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from rebase_ray.config import EvaluateConfig, TaskConfig
+from rebase_ray.config import EvaluateConfig, Resources, TaskConfig
 from rebase_ray.evaluate import comparison_rows, evaluate, metric_rows
 from rebase_ray.evaluate.code_exec import run_tests
 from rebase_ray.evaluate.measure import score
@@ -180,7 +182,8 @@ def yn_runs(ray_cluster, s3_server, tmp_path_factory):
     adapter = f"{s3_bucket}/adapter"
     Storage.for_uri(adapter).upload_dir(str(tmp / "adapter"), adapter)
     other = str(tmp / "other")
-    cfg = EvaluateConfig(batch_size=2, max_new_tokens=4, num_cpus_per_actor=0.5)
+    cfg = EvaluateConfig(batch_size=2, max_new_tokens=4,
+                         resources=Resources(actors=1, cpus=0.5, threads=1))
     # four independent evaluations, each its own Ray Data actor pool (one 0.5-CPU actor): run
     # side by side, they fit the 2 CPUs together and their start-ups (a process importing
     # torch and loading the model, single-threaded) overlap
@@ -296,4 +299,9 @@ def test_eval_verb_writes_the_report(ray_cluster, tmp_path):
     assert summary["n"] == 2 and summary["eval_rejects"] == 1
     assert {r["domain"] for r in summary["metrics"]} == {"pets", "things", "(macro)", "(micro)"}
     assert {"acc", "acc_norm", "gen_strict", "gen_flexible"} <= set(summary["metrics"][0])
+    # nothing configured: one actor (two records make one batch) with the free CPUs and as
+    # many threads, stated in the summary
+    pool = summary["resources"]
+    assert pool["actors"] == 1 and pool["gpus_per_actor"] == 0
+    assert pool["threads_per_actor"] == math.ceil(pool["cpus_per_actor"]) >= 1
     assert (tmp_path / "rep" / "report.html").exists()

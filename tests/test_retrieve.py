@@ -13,7 +13,7 @@ import yaml
 from retrieve_corpus import CONTAMINATED, PLANTED, write_corpus
 from typer.testing import CliRunner
 
-from rebase_ray.config import IndexConfig, RetrieveConfig
+from rebase_ray.config import IndexConfig, Resources, RetrieveConfig
 from rebase_ray.datastore import Datastore, build_datastore
 from rebase_ray.retrieve import Retriever, retrieve
 from rebase_ray.storage import Storage
@@ -31,7 +31,7 @@ def corpus(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("retrieve")
     sources, task = write_corpus(root)
     store = str(root / "store")
-    build_datastore(sources, store, IndexConfig(shards=3, num_cpus_per_actor=0.5))
+    build_datastore(sources, store, IndexConfig(shards=3, resources=Resources(actors=1, cpus=0.5, threads=1)))
     return root, task, store
 
 
@@ -43,6 +43,9 @@ def test_stage_ranks_planted_row_first_and_drops_contamination(corpus):
     dropped = pd.read_parquet(f"{out}/dropped.parquet")
     assert list(hits.columns) == HITS_COLUMNS
     assert len(hits) == summary["rows"] == 15
+    # one shard actor per shard, at the configured CPUs, one FAISS thread each
+    assert summary["resources"] == {"actors": 3, "cpus_per_actor": 0.25, "gpus_per_actor": 0,
+                                    "threads_per_actor": 1}
     assert hits["rank"].tolist() == list(range(1, 16))
     assert hits["row_key"].iloc[0] == PLANTED
     assert (np.diff(hits["score"]) <= 0).all()
@@ -224,8 +227,8 @@ def endpoint(corpus, serve_port):
     from rebase_ray.serve.retriever import local_retriever
 
     _, task, store = corpus
-    cfg = RetrieveConfig(top_n=50, shard_cpus=0.1, serve=ServeConfig(
-        port=serve_port, route_prefix="/retriever", num_cpus=0.25, api_key=KEY,
+    cfg = RetrieveConfig(top_n=50, resources=Resources(cpus=0.1), serve=ServeConfig(
+        port=serve_port, route_prefix="/retriever", cpus=0.25, api_key=KEY,
         max_request_bytes=4000))
     with local_retriever(store, cfg) as url:
         yield url, task

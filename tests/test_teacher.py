@@ -183,7 +183,7 @@ def test_serve_student_answers_over_http_with_its_adapter(ray_cluster, tiny, tmp
 def test_vllm_config_translation():
     cfg = TeacherConfig(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", dtype="bfloat16",
                         max_model_len=4096, served_model_name="teacher",
-                        serve={"num_gpus": 2, "min_replicas": 1, "max_replicas": 4,
+                        serve={"gpus": 2, "min_replicas": 1, "max_replicas": 4,
                                "target_ongoing_requests": 32})
     assert llm_config(cfg) == {
         "model_loading_config": {"model_id": "teacher", "model_source": "Qwen/Qwen2.5-7B-Instruct"},

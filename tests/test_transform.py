@@ -223,7 +223,7 @@ def test_real_serve_teacher_tiny_model(ray_cluster, serve_port, tmp_path):
 
     hits = write_hits(str(tmp_path / "hits"), ["r-keep1", "r-keep2", "r-keep3", "r-label"])
     cfg = TeacherConfig(model="bundled:tiny-random-llama",
-                        serve=ServeConfig(port=serve_port, num_cpus=0.5))
+                        serve=ServeConfig(port=serve_port, cpus=0.5))
     with local_teacher(cfg) as url:
         cfg = TransformConfig(max_tokens=96, reply={"min_input_chars": 12, "max_input_chars": 60})
         s = transform(TASK, hits, url, str(tmp_path / "out"), cfg)

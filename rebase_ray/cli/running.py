@@ -108,7 +108,11 @@ def stage_config(pipe: PipelineConfig | None, section: str, model: type[M], sour
     were given (None: not given) on top, `serve` ones in its `serve` section, validated again
     so that an error names the option (`source`)."""
     data = (getattr(pipe, section) if pipe else model()).model_dump()
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():  # a dict: keys of a sub-section (resources)
+        if isinstance(value, dict):
+            data[key].update({k: v for k, v in value.items() if v is not None})
+        elif value is not None:
+            data[key] = value
     if serve:
         data["serve"].update({k: v for k, v in serve.items() if v is not None})
     return validate(data, model, source)

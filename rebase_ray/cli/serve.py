@@ -45,7 +45,7 @@ def serve_teacher(
            "max_batch_size": max_batch_size}
     served = {"host": host, "port": port, "route_prefix": route_prefix,
               "min_replicas": min_replicas, "max_replicas": max_replicas,
-              "num_cpus": num_cpus, "num_gpus": num_gpus}
+              "cpus": num_cpus, "gpus": num_gpus}
     with user_errors():
         cfg = stage_config(load_pipeline(config) if config else None, "teacher", TeacherConfig,
                            "serve teacher options", top, serve=served)
@@ -94,7 +94,7 @@ def serve_retriever(
     from rebase_ray.config import RetrieveConfig, load_pipeline
 
     served = {"host": host, "port": port, "route_prefix": route_prefix,
-              "min_replicas": min_replicas, "max_replicas": max_replicas, "num_cpus": num_cpus}
+              "min_replicas": min_replicas, "max_replicas": max_replicas, "cpus": num_cpus}
     with user_errors():
         pipe = load_pipeline(config) if config else None
         cfg = stage_config(pipe, "retrieve", RetrieveConfig, "serve retriever options", {},

@@ -140,7 +140,8 @@ def train(
         route_logs(out)
         pipe = load_pipeline(config) if config else None
         cfg = stage_config(pipe, "train", TrainConfig, "train options",
-                           {"max_steps": max_steps, "model": model, "num_workers": workers})
+                           {"max_steps": max_steps, "model": model,
+                            "resources": {"actors": workers}})
         init_ray(pipe.ray if pipe else None)
         summary = train_student(examples, load_task(task), cfg, out, s3=pipe.s3 if pipe else None)
         return summary if as_json else {k: v for k, v in summary.items() if k != "loss_curve"}

@@ -10,6 +10,7 @@ from rebase_ray.config.load import (
     load_yaml,
     validate,
 )
+from rebase_ray.config.resources import Resources
 from rebase_ray.config.schema import (
     AUTO_DTYPE,
     ConfigError,
@@ -41,7 +42,7 @@ from rebase_ray.config.stages import (
 
 __all__ = ["AUTO_DTYPE", "ConfigError", "DistillConfig", "Dtype", "EvalSetConfig",
            "EvaluateConfig", "FewShot", "IndexConfig", "LabelCheck", "LoraConfig",
-           "PipelineConfig", "RayConfig", "ReplyFormat", "RetrieveConfig", "S3Config",
+           "PipelineConfig", "RayConfig", "ReplyFormat", "Resources", "RetrieveConfig", "S3Config",
            "ServeConfig", "SourceConfig", "SourcesFile", "Strict", "TaskConfig",
            "TeacherConfig", "TrainConfig", "TransformConfig", "config_hash", "format_errors",
            "load_pipeline", "load_sources", "load_task", "load_yaml", "validate"]

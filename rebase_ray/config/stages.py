@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rebase_ray.config.resources import Resources, renamed
 from rebase_ray.config.schema import (
     AUTO_DTYPE,
     ConfigError,
@@ -33,17 +34,15 @@ class IndexConfig(Strict):
         default="auto", description="how the embedder runs: onnx (ONNX Runtime, 1.6x faster on "
         "a CPU), torch (sentence-transformers); auto: onnx on CPU actors, torch on GPU ones")
     batch_size: int = how(256, gt=0)
-    num_actors: int = how(1, gt=0)
-    num_cpus_per_actor: float = how(1, gt=0)
-    num_gpus_per_actor: float = how(0, ge=0)
-    torch_threads: int | None = how(
-        None, gt=0, description="threads per embedding actor; None: its CPU count")
+    resources: Resources = how(Resources(), description="the embedding actors (gpus > 0: "
+                               "they encode on CUDA); one CPU is left to the reading tasks")
     encode_batch_size: int = how(64, gt=0, description="sentence-transformers batch")
     piece_cells: int = how(
         1024, gt=0, description="cells per staged piece of embeddings: pieces are "
         "written as they finish and a rerun of a killed build embeds only the missing ones "
         "(~15 s of a CPU actor's work; each piece writes one file per shard it touches)")
-    build_cpus: float = how(1, gt=0, description="CPUs per shard-index build task")
+    build: Resources = how(Resources(cpus=1), description="the shard-index build tasks: "
+                           "actors is how many run at once, threads FAISS's")
     max_value_chars: int = Field(default=2000, gt=0, description="values are cut to this length")
     reject_value_chars: int = Field(
         default=100_000, gt=0, description="values longer than this are rejected, not cut")
@@ -71,6 +70,10 @@ class IndexConfig(Strict):
             "shards", "target_shard_cells", "index", "factory", "flat_max_cells",
             "hnsw_max_cells", "train_sample", "dataset_dims"}))
 
+    _old_keys = renamed("index", {"num_actors": "actors", "num_cpus_per_actor": "cpus",
+                                  "num_gpus_per_actor": "gpus", "torch_threads": "threads"})
+    _old_build = renamed("index", {"build_cpus": "cpus"}, into="build", defaults={"cpus": 1})
+
 
 class ServeConfig(Strict):
     """How an endpoint is served (shared by the teacher and the retriever)."""
@@ -81,11 +84,16 @@ class ServeConfig(Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, gt=0)
     target_ongoing_requests: float = Field(default=8, gt=0)
-    num_cpus: float = Field(default=1, ge=0)
-    num_gpus: float = Field(default=0, ge=0)
+    cpus: float = Field(default=1, ge=0, description="CPUs per replica (held while it runs)")
+    gpus: float = Field(default=0, ge=0, description="GPUs per replica")
+    threads: int | None = Field(
+        default=None, gt=0, description="torch threads per teacher replica; None: its share "
+        "of the CPUs free when it is deployed, as `Resources.threads`")
     api_key: str | None = Field(default=None, description="or REBASE_RAY_API_KEY")
     max_request_bytes: int = Field(default=1_000_000, gt=0)
     request_timeout_s: float = Field(default=300, gt=0)
+
+    _old_keys = renamed("serve", {"num_cpus": "cpus", "num_gpus": "gpus"}, into=None)
 
 
 class RetrieveConfig(Strict):
@@ -100,7 +108,8 @@ class RetrieveConfig(Strict):
     diversity: bool = Field(default=False, description="MMR re-rank; off: the paper")
     diversity_weight: float = Field(default=0.7, gt=0, le=1, description="MMR score weight")
     ngram: int = Field(default=13, gt=0, description="n of the eval-set n-gram overlap check")
-    shard_cpus: float = how(0.25, gt=0, description="CPUs per shard actor")
+    resources: Resources = how(Resources(cpus=0.25), description="the shard actors (one per "
+                               "shard, one FAISS thread each): only `cpus` applies")
     search_params: str | None = Field(
         default=None, description='FAISS search params for every shard, e.g. "nprobe=8" or '
         '"efSearch=64"; None: those the datastore was built with')
@@ -116,6 +125,16 @@ class RetrieveConfig(Strict):
     verify: Literal["cached", "full"] = how(
         "cached", description="cached: re-hash a shard file only when its stat changed")
     serve: ServeConfig = how(ServeConfig(route_prefix="/retriever"))  # beside the teacher at /
+
+    _old_keys = renamed("retrieve", {"shard_cpus": "cpus"}, defaults={"cpus": 0.25})
+
+    @field_validator("resources")
+    @classmethod
+    def _cpus_only(cls, v: Resources) -> Resources:
+        if v.actors is not None or v.threads is not None or v.gpus:
+            raise ValueError("retrieve.resources: only `cpus` applies (one actor per shard, "
+                             "one FAISS thread each, on the CPU)")
+        return v
 
 
 class TeacherConfig(Strict):
@@ -133,9 +152,9 @@ class TeacherConfig(Strict):
         default=2048, gt=0, description="the most max_tokens / max_completion_tokens a request "
         "to our Serve teacher may ask for (400 above)")
     max_model_len: int | None = Field(default=None, gt=0, description="vLLM's max_model_len")
-    torch_threads: int | None = Field(
-        default=None, gt=0, description="torch threads per replica; None: its CPUs rounded up")
     serve: ServeConfig = ServeConfig()
+
+    _old_keys = renamed("teacher", {"torch_threads": "threads"}, into="serve")
 
 
 class ReplyFormat(Strict):
@@ -219,11 +238,7 @@ class DistillConfig(Strict):
         default=4, gt=0, description="head candidates scored per unit of quota (IFD cost cap)")
     ifd_batch_size: int = how(8, gt=0)
     ifd_max_new_tokens: int = Field(default=64, gt=0, description="length of the student's ŷ")
-    ifd_actors: int = how(1, gt=0)
-    ifd_num_cpus: float = how(1, gt=0)
-    ifd_num_gpus: float = how(0, ge=0)
-    ifd_torch_threads: int | None = how(
-        None, gt=0, description="torch threads per IFD actor; None: its CPUs")
+    ifd_resources: Resources = how(Resources(), description="the IFD scoring actors")
     ifd_dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
@@ -248,6 +263,10 @@ class DistillConfig(Strict):
         """Hash of the fields that change what a run selects (not its resources)."""
         return config_hash(self.what())
 
+    _old_keys = renamed("distill", {"ifd_actors": "actors", "ifd_num_cpus": "cpus",
+                                    "ifd_num_gpus": "gpus", "ifd_torch_threads": "threads"},
+                        into="ifd_resources")
+
 
 class LoraConfig(Strict):
     r: int = Field(default=8, gt=0)
@@ -267,11 +286,9 @@ class TrainConfig(Strict):
     max_tokens: int | None = Field(default=None, gt=0)
     max_examples: int | None = Field(default=None, gt=0)
     max_wall_s: float | None = Field(default=None, gt=0)
-    num_workers: int = how(1, gt=0)
-    use_gpu: bool = how(False)
-    cpus_per_worker: float = how(1, gt=0)
-    torch_threads: int | None = how(
-        None, gt=0, description="torch threads per worker; None: its CPUs rounded up")
+    resources: Resources = how(Resources(actors=1, cpus=1), description="the Ray Train "
+                               "workers (gpus > 0: on CUDA, nccl); the global batch is "
+                               "batch_size × actors")
     checkpoint_every: int = how(50, gt=0)
     max_failures: int = how(2, ge=-1)
     merge: bool = False
@@ -286,6 +303,10 @@ class TrainConfig(Strict):
         "log-likelihood evaluation asks); inline — one target, the rationale then the answer")
     seed: int = 0
 
+    _old_keys = renamed("train", {"num_workers": "actors", "cpus_per_worker": "cpus",
+                                  "use_gpu": ("gpus", lambda on: 1 if on else 0),
+                                  "torch_threads": "threads"}, defaults={"actors": 1, "cpus": 1})
+
 
 class EvaluateConfig(Strict):
     batch_size: int = Field(default=8, gt=0, description="examples per generate call, and "
@@ -294,11 +315,7 @@ class EvaluateConfig(Strict):
     max_seq_len: int = Field(
         default=1024, gt=1, description="tokens of prompt + label when labels are ranked by "
         "log-likelihood; a longer prompt is cut from the left")
-    num_actors: int = Field(default=1, gt=0)
-    num_cpus_per_actor: float = Field(default=1, gt=0)
-    num_gpus_per_actor: float = Field(default=0, ge=0)
-    torch_threads: int | None = Field(
-        default=None, gt=0, description="torch threads per actor; None: its CPUs rounded up")
+    resources: Resources = how(Resources(), description="the evaluation actors")
     dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     max_examples: int | None = Field(default=None, gt=0)
     code_timeout_s: float = Field(default=10, gt=0)
@@ -321,6 +338,9 @@ class EvaluateConfig(Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"baselines listed twice: {v}")
         return v
+
+    _old_keys = renamed("evaluate", {"num_actors": "actors", "num_cpus_per_actor": "cpus",
+                                     "num_gpus_per_actor": "gpus", "torch_threads": "threads"})
 
 
 # ----------------------------------------------------------------------------- pipeline.yaml

@@ -1,18 +1,21 @@
 """Embedding in Ray Data: `map_batches` over an actor pool, the model loaded once per actor.
 
-Batch size, actor count, CPUs/GPUs per actor, threads and the backend (`encoders.py`: ONNX
-Runtime on a CPU, torch on CUDA by default) come from `IndexConfig`; an actor with a GPU share
-encodes on CUDA. Vectors are L2-normalised float32, so inner product
+Batch size, the pool (`IndexConfig.resources`, resolved when the build starts) and the backend
+(`encoders.py`: ONNX Runtime on a CPU, torch on CUDA by default) come from `IndexConfig`; an
+actor with a GPU share encodes on CUDA. Vectors are L2-normalised float32, so inner product
 is cosine similarity. Actors that die are restarted by Ray Data and their batches retried.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pyarrow as pa
 
 from rebase_ray.config import IndexConfig
 from rebase_ray.datastore.encoders import Backend, load_encoder
+from rebase_ray.runtime import Plan, resolve_resources
 
 VECTOR = "vector"
 
@@ -46,17 +49,23 @@ class Embedder:
         return batch.append_column(VECTOR, vector_column(vectors))
 
 
-def embed_dataset(ds, cfg: IndexConfig, embedder_cls: type = Embedder):
-    """`ds` (with a `value` column) plus a `vector` column, through an actor pool."""
+def embed_dataset(ds, cfg: IndexConfig, pool: Plan, embedder_cls: type = Embedder):
+    """`ds` (with a `value` column) plus a `vector` column, through an actor pool of `pool`
+    (`embed_plan`)."""
     import ray
 
-    threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor))
-    device = "cuda" if cfg.num_gpus_per_actor > 0 else "cpu"
     return ds.map_batches(
         embedder_cls,
-        fn_constructor_kwargs={"ref": cfg.embedder, "device": device, "threads": threads,
+        fn_constructor_kwargs={"ref": cfg.embedder, "device": "cuda" if pool.gpus else "cpu",
+                               "threads": pool.threads,
                                "encode_batch_size": cfg.encode_batch_size,
                                "backend": cfg.backend},
         batch_size=cfg.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus, num_gpus=pool.gpus)
+
+
+def embed_plan(cfg: IndexConfig, cells: int) -> Plan:
+    """The embedding pool for `cells` values, from the resources free now: one CPU is left to
+    the tasks that read and split the cells (and lent to the actors' threads)."""
+    return resolve_resources(cfg.resources, most=math.ceil(cells / cfg.batch_size), reserve=1)

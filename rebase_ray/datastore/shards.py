@@ -20,6 +20,7 @@ from rebase_ray.datastore.index import (
     search_params,
     with_datasets,
 )
+from rebase_ray.runtime import resolve_resources
 from rebase_ray.sources import CELL_COLUMNS, CELL_SCHEMA
 from rebase_ray.storage import Storage
 
@@ -40,30 +41,36 @@ def read_partition(st: Storage, staging: str, shard: int) -> pa.Table | None:
 
 def build_shards(st: Storage, out: str, s3: S3Config | None, staging: str, ids: list[int],
                   count: int, group: str, dim: int, described: dict[str, np.ndarray],
-                  cfg: IndexConfig) -> list[dict]:
+                  cfg: IndexConfig) -> tuple[list[dict], dict]:
+    """The shards of `ids`, built by `cfg.build.actors` Ray tasks at a time (resolved from the
+    free CPUs), and the resolved resources."""
     import ray
 
-    task = ray.remote(build_shard).options(num_cpus=cfg.build_cpus)
+    pool = resolve_resources(cfg.build, most=len(ids))
+    task = ray.remote(build_shard).options(num_cpus=pool.cpus)
     described = ray.put(described)
-    pending = [task.remote(out, s3, staging, i, count, group, dim, described, cfg)
-               for i in ids]
-    built = []
-    with tqdm(total=len(pending), desc="shard indexes", unit="shard", leave=False) as bar:
-        while pending:
+    waiting = list(ids)
+    pending, built = [], []
+    with tqdm(total=len(ids), desc="shard indexes", unit="shard", leave=False) as bar:
+        while waiting or pending:
+            while waiting and len(pending) < pool.actors:
+                pending.append(task.remote(out, s3, staging, waiting.pop(0), count, group, dim,
+                                           described, cfg, pool.threads))
             ready, pending = ray.wait(pending, num_returns=1)
             built.append(ray.get(ready[0]))
             bar.update(1)
-    return built
+    return built, pool.summary()
 
 
 def build_shard(out: str, s3: S3Config | None, staging: str, i: int, count: int, group: str,
-                dim: int, described: dict[str, np.ndarray], cfg: IndexConfig) -> dict:
+                dim: int, described: dict[str, np.ndarray], cfg: IndexConfig,
+                threads: int = 1) -> dict:
     """One shard (a Ray task): staged cells+vectors → cells.parquet, vectors.npy, basis.npy,
     index.faiss in a fixed row order (dataset, row_idx, column) that is also the FAISS id
     order. `described`: the description vector of every source of the group."""
     import faiss
 
-    faiss.omp_set_num_threads(max(1, int(cfg.build_cpus)))
+    faiss.omp_set_num_threads(threads)
     st = Storage.for_uri(out, s3)
     table = read_partition(st, staging, i)
     if table is None or table.num_rows == 0:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rebase_ray.config import IndexConfig, S3Config, SourceConfig, config_hash
-from rebase_ray.datastore.embed import VECTOR, column_vectors, embed_dataset
+from rebase_ray.datastore.embed import VECTOR, column_vectors, embed_dataset, embed_plan
 from rebase_ray.datastore.shards import build_shards, read_partition, shard_name
 from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.runtime import init_ray
@@ -134,14 +134,16 @@ def run(sources: list[SourceConfig], out: str, cfg: IndexConfig,
             parts.append(_descriptions(undescribed, read.descriptions))
         if parts:  # one streaming pass: embedded blocks are written as they finish
             to_embed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-            embed_dataset(to_embed, cfg).write_parquet(
+            pool = embed_plan(cfg, max(missing, 0) + len(undescribed))
+            work["resources"] = pool.summary()
+            embed_dataset(to_embed, cfg, pool).write_parquet(
                 st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
         new = _staged_pieces(st, staging, set(todo_ids), prior=staged)
         desc = read_partition(st, staging, DESCRIPTIONS)
         dim = int(desc[VECTOR].type.list_size)
         described = dict(zip(desc["dataset"].to_pylist(), column_vectors(desc[VECTOR])))
-        built = build_shards(st, out, s3, staging, todo_ids, count, group, dim, described,
-                              cfg)
+        built, work["build_resources"] = build_shards(
+            st, out, s3, staging, todo_ids, count, group, dim, described, cfg)
         indexed = sum(s["cells"] for s in [*finished.values(), *built])
         if indexed != total:  # staged pieces that don't match the sources: never published
             raise StorageError(f"{out}: the shards hold {indexed} cells, the sources give "

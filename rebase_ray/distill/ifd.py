@@ -21,8 +21,9 @@ import math
 
 import pandas as pd
 
-from rebase_ray.config import S3Config
+from rebase_ray.config import Resources, S3Config
 from rebase_ray.formats import student_messages
+from rebase_ray.runtime import resolve_resources
 
 IFD_COLUMNS = ["student_output", "ppl_conditional", "ppl_alone", "ifd"]
 
@@ -83,29 +84,32 @@ class IFDScorer:
 
 def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruction: str,
               batch_size: int = 8, max_new_tokens: int = 64, max_seq_len: int = 512,
-              actors: int = 1, num_cpus: float = 1, num_gpus: float = 0,
-              s3: S3Config | None = None, threads: int | None = None,
-              dtype: str = "auto") -> pd.DataFrame:
-    """`candidates` (with an `input` column) plus the columns of IFD_COLUMNS, in input order."""
+              resources: Resources | None = None, s3: S3Config | None = None,
+              dtype: str = "auto") -> tuple[pd.DataFrame, dict]:
+    """`candidates` (with an `input` column) plus the columns of IFD_COLUMNS, in input order,
+    and the scorer pool's resources (`resources` resolved from those free now, at most one
+    actor per batch; {} when there is nothing to score)."""
     import ray
 
     if candidates.empty:
         return candidates.assign(**{c: pd.Series(dtype=object if c == "student_output"
-                                                 else float) for c in IFD_COLUMNS})
+                                                 else float) for c in IFD_COLUMNS}), {}
     import numpy as np
 
+    pool = resolve_resources(resources or Resources(), most=math.ceil(len(candidates) / batch_size))
     frame = candidates.reset_index(drop=True).assign(_order=range(len(candidates)))
     # blocks made here, not by a repartition task: that task would need a free CPU, which the
     # teacher replica and the scorer actors may hold between them
-    blocks = max(1, min(len(frame) // batch_size, actors * 4))
+    blocks = max(1, min(len(frame) // batch_size, pool.actors * 4))
     ds = ray.data.from_pandas([frame.iloc[idx] for idx in np.array_split(range(len(frame)),
                                                                          blocks)])
     scored = ds.map_batches(
         IFDScorer, batch_size=batch_size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=num_cpus, num_gpus=num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus,
+        num_gpus=pool.gpus,
         fn_constructor_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
                                "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len,
                                "s3": s3.model_dump() if s3 else None,
-                               "threads": threads or max(1, int(num_cpus)), "dtype": dtype})
+                               "threads": pool.threads, "dtype": dtype})
     out = scored.to_pandas().sort_values("_order").drop(columns="_order")
-    return out.reset_index(drop=True)
+    return out.reset_index(drop=True), pool.summary()

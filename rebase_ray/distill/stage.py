@@ -187,6 +187,7 @@ def _run_stage(run: Run, stage: int, plan: dict[str, Any], progress: Progress) -
     else:
         calls, teacher = phase.run_teacher()
         teacher["timing"] = phase.timing
+        teacher["ifd_resources"] = phase.ifd_resources
         st.write_json(st.join(sdir, "teacher.json"), teacher)
         st.write_parquet(calls_uri, pa.Table.from_pandas(calls, preserve_index=False))
     gathered = pd.concat([progress.gathered, _new_examples(calls)], ignore_index=True)
@@ -209,6 +210,7 @@ def _run_stage(run: Run, stage: int, plan: dict[str, Any], progress: Progress) -
                "micro": student.get("micro"), "train_steps": training.get("steps"),
                "final_loss": training.get("final_loss"),
                **teacher.get("timing", {}), **timing,
+               "ifd_resources": teacher.get("ifd_resources", {}),
                "wall_s": round(time.time() - t0, 2), "adapter": adapter}
     rows = domain_rows(stage, quotas, {d: r for d, (r, _) in roles.items()}, calls, metrics,
                        left)

@@ -62,6 +62,7 @@ class TeacherPhase:
         self.run, self.stage, self.quotas = run, stage, quotas
         self.gathered, self.used, self.adapter = gathered, used, adapter
         self.timing: dict[str, float] = {}
+        self.ifd_resources: dict = {}  # the IFD pool's, resolved when it starts
 
     def unused(self) -> pd.DataFrame:
         """The pool's examples not given to the teacher in an earlier stage."""
@@ -96,12 +97,11 @@ class TeacherPhase:
         if not samples:
             return {}
         t0 = time.time()
-        scored = score_ifd(
+        scored, self.ifd_resources = score_ifd(
             pd.concat(samples, ignore_index=True), self.run.train.model, self.adapter,
             self.run.task.instruction, batch_size=cfg.ifd_batch_size,
             max_new_tokens=cfg.ifd_max_new_tokens, max_seq_len=self.run.train.max_seq_len,
-            actors=cfg.ifd_actors, num_cpus=cfg.ifd_num_cpus, num_gpus=cfg.ifd_num_gpus,
-            s3=self.run.s3, threads=cfg.ifd_torch_threads, dtype=cfg.ifd_dtype)
+            resources=cfg.ifd_resources, s3=self.run.s3, dtype=cfg.ifd_dtype)
         self.timing["ifd_s"] = round(time.time() - t0, 2)
         scored["_rank_key"] = scored["ifd"].fillna(-np.inf)
         return {d: g.sort_values(["_rank_key", "example_id"], ascending=[False, True],

@@ -17,7 +17,7 @@ import numpy as np
 from rebase_ray import progress
 from rebase_ray.config import EvaluateConfig, S3Config
 from rebase_ray.formats import student_messages
-from rebase_ray.runtime import init_ray
+from rebase_ray.runtime import init_ray, resolve_resources
 
 BASE = "base"
 
@@ -79,15 +79,17 @@ class Predictor:
 
 def predict(inputs: list[str], instruction: str, labels: list[str] | None, model: str,
             adapters: dict[str, str], cfg: EvaluateConfig, s3: S3Config | None = None,
-            base: bool = True) -> dict[str, list[dict]]:
+            base: bool = True) -> tuple[dict[str, list[dict]], dict]:
     """{run: [{'reply'[, 'logprobs']} per input, in the order of `inputs`]} for the base model
     (when `base`, or when there is no adapter) and each named adapter of `adapters`;
     'logprobs' holds one value per label, in the order of `labels`; 'reply' is None when a
-    label task is not generated (`cfg.generative` off)."""
+    label task is not generated (`cfg.generative` off). And the actor pool's resources,
+    resolved from those free now (`runtime.resolve_resources`), at most one actor per batch."""
     import ray
 
     runs = ([BASE] if base or not adapters else []) + list(adapters)
     init_ray()
+    pool = resolve_resources(cfg.resources, most=math.ceil(len(inputs) / cfg.batch_size))
     ds = ray.data.from_items([{"idx": i, "input": x} for i, x in enumerate(inputs)])
     ds = ds.map_batches(
         Predictor,
@@ -96,11 +98,11 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
                                "max_new_tokens": cfg.max_new_tokens,
                                "max_seq_len": cfg.max_seq_len, "batch_size": cfg.batch_size,
                                "dtype": cfg.dtype, "s3": s3,
-                               "threads": cfg.torch_threads or math.ceil(cfg.num_cpus_per_actor),
+                               "threads": pool.threads,
                                "generative": cfg.generative},
         batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus, num_gpus=pool.gpus,
     )
     rows = []
     with progress.task(f"evaluate: examples × {len(runs)} model(s)", total=len(inputs)) as advance:
@@ -116,4 +118,4 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
         if labels:
             for answer, r in zip(out[run], rows):
                 answer["logprobs"] = [float(lp) for lp in r[f"{run}_logprobs"]]
-    return out
+    return out, pool.summary()

@@ -59,7 +59,7 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
 
     Returns {'task', 'metric', 'keys', 'model', 'adapter', 'n', 'runs': {run: {'domains',
     'macro', 'micro'}}, 'predictions': [{input, output, domain, <run>: {prediction, answer,
-    scores}}], 'seconds', 'examples_per_s'}; `keys[0]` is the primary score (`METRIC_KEYS`).
+    scores}}], 'seconds', 'resources' (the actor pool's), 'examples_per_s'}; `keys[0]` is the primary score (`METRIC_KEYS`).
     Runs: 'base' (the model without any adapter; present without an adapter, with
     `cfg.baseline`, or with an untrained baseline), 'trained' (`adapter`) and one per entry of
     `baselines` ({name: adapter URI}, e.g. students trained on other data; None: a student
@@ -84,8 +84,8 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
     adapters = {**{name: a for name, a in (baselines or {}).items() if a is not None},
                 **({"trained": adapter} if adapter else {})}
     t0 = time.time()
-    outputs = predict([r["input"] for r in records], task.instruction, labels, model, adapters,
-                      cfg, s3, base=cfg.baseline or bool(untrained))
+    outputs, resources = predict([r["input"] for r in records], task.instruction, labels,
+                                 model, adapters, cfg, s3, base=cfg.baseline or bool(untrained))
     seconds = time.time() - t0
     # base first, the baselines in their order, the distilled student last
     outputs = {run: outputs["base"] if run in untrained else outputs[run]
@@ -102,7 +102,7 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
             for run in outputs}
     return {"task": task.name, "metric": task.metric, "keys": keys, "model": model,
             "adapter": adapter, "n": len(records), "runs": runs, "predictions": predictions,
-            "seconds": round(seconds, 2),
+            "seconds": round(seconds, 2), "resources": resources,
             "examples_per_s": round(len(records) * len(outputs) / max(seconds, 1e-9), 3)}
 
 

@@ -32,6 +32,7 @@ def run(task: TaskConfig, model: str, adapter: str | None, cfg: EvaluateConfig,
         "n": result["n"] if result else 0, "eval_rejects": len(eval_set.rejects),
         "seconds": result["seconds"] if result else 0.0,
         "examples_per_s": result["examples_per_s"] if result else 0.0,
+        "resources": result["resources"] if result else {},
         "metrics": metric_rows(result) if result else [],
         "comparison": comparison_rows(result) if result else []}
     if out:

@@ -24,6 +24,7 @@ from rebase_ray.retrieve.decontam import contamination_reason
 from rebase_ray.retrieve.queries import CachedEmbedder, Query, build_queries, build_query
 from rebase_ray.retrieve.scoring import cap_per_group, diversity_order, rank_order
 from rebase_ray.retrieve.shard import HIT_COLUMNS, ShardActor
+from rebase_ray.runtime import resolve_resources
 from rebase_ray.text import NgramIndex
 
 MAX_ROUNDS = 6  # candidate pool doublings when drops leave fewer than top_n rows
@@ -66,7 +67,11 @@ class Retriever:
         sources = self.store.sources()
         self.source_names: list[str] = sources["name"].to_pylist()
         self.domains = dict(zip(self.source_names, sources["domain"].to_pylist()))
-        self.actors = [ShardActor.options(num_cpus=cfg.shard_cpus).remote(
+        # one actor per shard, one FAISS thread each (`ShardActor`)
+        pool = resolve_resources(cfg.resources.model_copy(update={"actors": self.store.num_shards,
+                                                        "threads": 1}))
+        self.resources = pool.summary()
+        self.actors = [ShardActor.options(num_cpus=pool.cpus).remote(
             datastore, i, s3, cfg.verify, cfg.search_params, cfg.load == "mmap")
             for i in range(self.store.num_shards)]
         self.shard_info = ray.get([a.info.remote() for a in self.actors])

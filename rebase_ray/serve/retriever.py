@@ -120,7 +120,7 @@ def deployment_options(cfg: RetrieveConfig) -> dict[str, Any]:
     return {
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                "target_ongoing_requests": s.target_ongoing_requests},
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "ray_actor_options": {"num_cpus": s.cpus, "num_gpus": s.gpus},
     }
 
 

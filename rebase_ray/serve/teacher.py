@@ -245,13 +245,14 @@ class TeacherServer:
 
 
 def deployment_options(cfg: TeacherConfig) -> dict[str, Any]:
+    """Serve's options for the teacher's replicas (`teacher.serve`: replicas, CPUs, GPUs)."""
     s = cfg.serve
     return {
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                "target_ongoing_requests": s.target_ongoing_requests},
         # room for a full batch to queue while the previous one generates
         "max_ongoing_requests": max(2 * cfg.max_batch_size, math.ceil(s.target_ongoing_requests)),
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "ray_actor_options": {"num_cpus": s.cpus, "num_gpus": s.gpus},
     }
 
 

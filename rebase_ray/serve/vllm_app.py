@@ -35,7 +35,7 @@ def llm_config(cfg: TeacherConfig) -> dict[str, Any]:
         raise ConfigError(f"teacher.model: the vllm backend loads a hub id or a path, not "
                           f"{cfg.model!r} (bundled models are for the transformers backend)")
     s = cfg.serve
-    engine: dict[str, Any] = {"tensor_parallel_size": max(1, int(s.num_gpus))}
+    engine: dict[str, Any] = {"tensor_parallel_size": max(1, int(s.gpus))}
     if cfg.dtype != "auto":
         engine["dtype"] = cfg.dtype
     if cfg.max_model_len:

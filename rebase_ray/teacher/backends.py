@@ -17,11 +17,14 @@ Backends:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
-from rebase_ray.config import TeacherConfig
+from rebase_ray.config import Resources, TeacherConfig
 from rebase_ray.generation import LM, generate
 from rebase_ray.teacher.types import Backend, Completion, Messages, OutputFormat, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class TransformersBackend:
@@ -59,13 +62,28 @@ class TransformersBackend:
                 for choices in out]
 
 
+def replica_threads(cfg: TeacherConfig) -> int | None:
+    """Torch threads of a teacher replica starting now, which holds its `serve.cpus`: its share
+    of the CPUs that were free before it started (`runtime.resolve_resources`); None outside Ray."""
+    import ray
+
+    from rebase_ray.runtime import resolve_resources
+
+    s = cfg.serve
+    if not ray.is_initialized():
+        return None
+    threads = resolve_resources(Resources(actors=s.max_replicas, cpus=s.cpus), held=s.cpus).threads
+    log.info("teacher replica: %s CPUs, %d torch threads", s.cpus, threads)
+    return threads
+
+
 def make_backend(cfg: TeacherConfig) -> Backend:
     """The backend object for `cfg.backend` (the vLLM endpoint is built by serve/vllm_app)."""
     if cfg.backend == "transformers":
         from rebase_ray.models import set_torch_threads
 
-        set_torch_threads(cfg.serve.num_cpus, cfg.torch_threads)
-        device = "cuda" if cfg.serve.num_gpus > 0 else None
+        set_torch_threads(cfg.serve.cpus, cfg.serve.threads or replica_threads(cfg))
+        device = "cuda" if cfg.serve.gpus > 0 else None
         return TransformersBackend(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=device)
     if cfg.backend == "openai":
         from rebase_ray.teacher.openai_backend import OpenAIBackend

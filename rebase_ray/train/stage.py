@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from rebase_ray import progress
 from rebase_ray.config import S3Config, TaskConfig, TrainConfig
-from rebase_ray.runtime import init_ray
+from rebase_ray.runtime import init_ray, resolve_resources
 from rebase_ray.storage import Storage, split_uri
 from rebase_ray.train.data import encode, read_examples
 from rebase_ray.train.loop import ADAPTER, STATE, train_loop
@@ -137,13 +137,14 @@ def run(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, out: str,
                          f"(see {st.join(out, 'train_rejects.jsonl')})")
     init_ray()
 
-    global_batch = cfg.batch_size * cfg.num_workers
+    # the workers' resources; a CPU left to the tasks that feed them (Ray Data)
+    pool = resolve_resources(cfg.resources, reserve=1)
+    global_batch = cfg.batch_size * pool.actors
     steps_per_epoch = math.ceil(len(data) / global_batch)
     loop_config = {
         "model": cfg.model, "lora": cfg.lora.model_dump(), "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size, "seed": cfg.seed, "pad_id": tokenizer.pad_token_id,
-        "dtype": cfg.dtype, "cpus_per_worker": cfg.cpus_per_worker,
-        "torch_threads": cfg.torch_threads,
+        "dtype": cfg.dtype, "cpus_per_worker": pool.cpus, "torch_threads": pool.threads,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": math.ceil(cfg.epochs * steps_per_epoch),
         "max_steps": cfg.max_steps, "max_tokens": cfg.max_tokens,
@@ -157,9 +158,10 @@ def run(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, out: str,
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if pool.gpus else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=pool.actors, use_gpu=pool.gpus > 0,
+            resources_per_worker={"CPU": pool.cpus, **({"GPU": pool.gpus} if pool.gpus else {})}),
         run_config=RunConfig(
             name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -188,7 +190,8 @@ def run(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, out: str,
         "model": cfg.model, "adapter": adapter_uri, "checkpoints": st.join(out, "checkpoints"),
         "examples_in": len(rows), "examples_used": len({d["row"] for d in data}),
         "sequences": len(data), "rejected": len(rejects),
-        "truncated_prompts": truncated, "workers": cfg.num_workers,
+        "truncated_prompts": truncated, "workers": pool.actors,
+        "resources": pool.summary(),
         "steps": state["step"], "tokens": state["tokens"], "examples": state["examples"],
         "stop_reason": state["stop_reason"], "restarts": state["restarts"],
         "first_loss": curve[0][1], "final_loss": curve[-1][1],
