@@ -180,6 +180,9 @@ def test_head_tail_switching_and_synthesis(replay_run):
     assert (one["c"]["kept"], one["c"]["dropped"]) == (2, 1)
     assert all(r["kept"] == r["quota"] for r in [*one.values(), *two.values()])
     assert [(r["kept"], r["calls"], r["rounds"]) for r in s["stages"]] == [(6, 7, 2), (6, 6, 1)]
+    # each stage states its IFD scorers' resources (the configured ones here)
+    assert s["stages"][0]["ifd_resources"] == {"actors": 1, "cpus_per_actor": 0.5,
+                                               "gpus_per_actor": 0, "threads_per_actor": 1}
     # stage 2 trains on everything gathered so far, and on the task's one few-shot example
     assert s["task_examples"] == 1
     assert [r["examples"] for r in s["stages"]] == [7, 13]
