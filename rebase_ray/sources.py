@@ -4,11 +4,10 @@ A source is a local path, a glob or an s3:// URI holding csv, jsonl, json (a lis
 parquet or BIG-bench style task.json files (their `examples`; the task's `description`
 becomes the source description when sources.yaml gives none).
 
-Two Ray Data passes:
-1. `parse`: one task per file turns it into rows (a JSON record of text values per row) plus
-   rejects and a per-file row count.
-2. `to_cells`: rows get their index in the source (files in sorted order), `max_rows` keeps a
-   stride sample, and every non-empty (row, column) value becomes one cell.
+Two Ray Data passes over the files (`read_sources` says why two):
+1. `ScanFiles` counts: each file's rows, cells per row, rejects and description.
+2. `FileCells` streams cells: rows get their index in the source (files in sorted order),
+   `max_rows` keeps a stride sample, and every non-empty (row, column) value becomes one cell.
 
 Bad input never stops the job and is never dropped silently: undecodable bytes, unparseable
 lines, missing columns, empty files and over-long values each become a reject with the
@@ -23,9 +22,11 @@ import io
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -40,15 +41,14 @@ CELL_SCHEMA = pa.schema([("cell_id", pa.string()), ("dataset", pa.string()),
                          ("value", pa.string())])
 REJECT_SCHEMA = pa.schema([("source", pa.string()), ("location", pa.string()),
                            ("reason", pa.string())])
-# One output table for the parse pass: kind is "row", "reject" or "count" (one per file).
-PARSED_SCHEMA = pa.schema([("kind", pa.string()), ("source", pa.string()),
-                           ("file_idx", pa.int64()), ("pos", pa.int64()),
-                           ("record", pa.string()), ("location", pa.string()),
-                           ("reason", pa.string()), ("description", pa.string())])
-# ... and for the cells pass: kind is "cell" or "reject".
-CELLS_OR_REJECTS = pa.schema([("kind", pa.string()), *CELL_SCHEMA, ("row_key", pa.string()),
-                              ("source", pa.string()), ("location", pa.string()),
-                              ("reason", pa.string())])
+CELL_ROWS = CELL_SCHEMA.append(pa.field("row_key", pa.string()))
+# The counting pass's output: kind is "file" (one per file: pos is its row count, row_cells
+# the cells of each of its rows) or "reject" (pos: the row of an over-long value, else null).
+SCAN_SCHEMA = pa.schema([("kind", pa.string()), ("source", pa.string()),
+                         ("file_idx", pa.int64()), ("pos", pa.int64()),
+                         ("location", pa.string()), ("reason", pa.string()),
+                         ("description", pa.string()), ("row_cells", pa.list_(pa.int32()))])
+READ_BLOCK_BYTES = 32 << 20  # files per Ray Data block: about this many bytes of them
 FORMATS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json",
            "parquet": "parquet"}
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -214,44 +214,64 @@ def _parquet(uri: str, data: bytes, out: Parsed, kind: str) -> None:
         _add(out, f"{uri}#{n}", record)
 
 
-class ParseFiles:
-    """Ray Data batch function: file descriptors → parsed rows, rejects and counts."""
+def load_file(source: SourceConfig, uri: str, s3: S3Config | None) -> Parsed:
+    """One file read and parsed, its records cut to `source.columns` (a column that no row has
+    is a reject of the file); never raises on bad content or an unreadable file."""
+    try:
+        data = Storage.for_uri(uri, s3).read_bytes(uri)
+    except (OSError, StorageError) as exc:
+        return Parsed([], [(uri, f"unreadable: {exc}")])
+    parsed = parse_file(source, uri, data)
+    if source.columns and parsed.rows:
+        present = set().union(*(r.keys() for _, r in parsed.rows))
+        missing = [(uri, f"missing column {c!r}") for c in source.columns if c not in present]
+        parsed.rejects[:0] = missing
+        parsed.rows = [(loc, {c: r[c] for c in source.columns if c in r})
+                       for loc, r in parsed.rows]
+    return parsed
 
-    def __init__(self, sources: dict[str, SourceConfig], s3: S3Config | None):
-        self.sources = sources
-        self.s3 = s3
 
-    def __call__(self, batch: dict) -> pa.Table:
-        out: dict[str, list] = {name: [] for name in PARSED_SCHEMA.names}
+def row_values(record: dict[str, str], reject_chars: int
+               ) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
+    """A row's cells, (column, value) for each non-empty value, and its values over
+    `reject_chars`, (column, length), which are rejects instead of cells."""
+    cells, long = [], []
+    for column, value in record.items():
+        if not value.strip():
+            continue
+        if len(value) > reject_chars:
+            long.append((column, len(value)))
+        else:
+            cells.append((column, value))
+    return cells, long
 
-        def emit(**kw: Any) -> None:
-            for name, values in out.items():
-                values.append(kw.get(name))
 
-        for name, uri, file_idx in zip(batch["source"], batch["uri"], batch["file_idx"]):
-            source = self.sources[name]
-            try:
-                data = Storage.for_uri(uri, self.s3).read_bytes(uri)
-            except (OSError, StorageError) as exc:
-                parsed = Parsed([], [(uri, f"unreadable: {exc}")])
-            else:
-                parsed = parse_file(source, uri, data)
-            if source.columns and parsed.rows:
-                present = set().union(*(r.keys() for _, r in parsed.rows))
-                for col in source.columns:
-                    if col not in present:
-                        emit(kind="reject", source=name, location=uri,
-                             reason=f"missing column {col!r}")
+class ScanFiles:
+    """Ray Data batch function, the counting pass: files → one `file` record each (its row
+    count, description and cells per row) and its rejects (`pos`: the row of an over-long
+    value, null for the file's own rejects). Rows themselves are not kept."""
+
+    def __init__(self, sources: dict[str, SourceConfig], s3: S3Config | None, cfg: IndexConfig):
+        self.sources, self.s3, self.reject_chars = sources, s3, cfg.reject_value_chars
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: list[dict] = []
+        for name, uri, file_idx in zip(*(batch[c].to_pylist()
+                                         for c in ("source", "uri", "file_idx"))):
+            where = {"source": name, "file_idx": file_idx}
+            parsed = load_file(self.sources[name], uri, self.s3)
+            row_cells = []
             for pos, (location, record) in enumerate(parsed.rows):
-                if source.columns:
-                    record = {c: record[c] for c in source.columns if c in record}
-                emit(kind="row", source=name, file_idx=int(file_idx), pos=pos,
-                     record=json.dumps(record, ensure_ascii=False), location=location)
-            for location, reason in parsed.rejects:
-                emit(kind="reject", source=name, location=location, reason=reason)
-            emit(kind="count", source=name, file_idx=int(file_idx), pos=len(parsed.rows),
-                 description=parsed.description)
-        return pa.table(out, schema=PARSED_SCHEMA)
+                cells, long = row_values(record, self.reject_chars)
+                row_cells.append(len(cells))
+                out += [{**where, "kind": "reject", "pos": pos, "location": f"{location}:{col}",
+                         "reason": f"value of {n} chars is over the {self.reject_chars}-char "
+                                   "limit"} for col, n in long]
+            out += [{**where, "kind": "reject", "location": location, "reason": reason}
+                    for location, reason in parsed.rejects]
+            out.append({**where, "kind": "file", "pos": len(parsed.rows),
+                        "description": parsed.description, "row_cells": row_cells})
+        return pa.Table.from_pylist(out, schema=SCAN_SCHEMA)
 
 
 def stride_sample(n: int, max_rows: int | None) -> set[int] | None:
@@ -262,49 +282,36 @@ def stride_sample(n: int, max_rows: int | None) -> set[int] | None:
     return {int(i * step) for i in range(max_rows)}
 
 
-class ToCells:
-    """Ray Data batch function: parsed rows → cells (and rejects for over-long values)."""
+class FileCells:
+    """Ray Data batch function, the streaming pass: files (with `offset`, the source's rows
+    before the file, and `total`, the source's rows) → the cells of their sampled rows, one
+    table per file. Rejects were collected by the counting pass (`ScanFiles`)."""
 
-    def __init__(self, sources: dict[str, SourceConfig], offsets: dict[tuple[str, int], int],
-                 keep: dict[str, set[int] | None], cfg: IndexConfig):
-        self.sources = sources
-        self.offsets = offsets
-        self.keep = keep
-        self.max_chars = cfg.max_value_chars
-        self.reject_chars = cfg.reject_value_chars
+    def __init__(self, sources: dict[str, SourceConfig], s3: S3Config | None, cfg: IndexConfig):
+        self.sources, self.s3 = sources, s3
+        self.max_chars, self.reject_chars = cfg.max_value_chars, cfg.reject_value_chars
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out: dict[str, list] = {name: [] for name in CELLS_OR_REJECTS.names}
-        for name, file_idx, pos, record, location in zip(
-                *(batch[c].to_pylist() for c in ("source", "file_idx", "pos", "record",
-                                                  "location"))):
-            idx = self.offsets[(name, file_idx)] + pos
-            keep = self.keep[name]
-            if keep is not None and idx not in keep:
-                continue
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for name, uri, offset, total in zip(*(batch[c].to_pylist()
+                                              for c in ("source", "uri", "offset", "total"))):
             src = self.sources[name]
-            key = row_key(name, src.config, src.split, idx)
-            for column, value in json.loads(record).items():
-                if not value.strip():
-                    continue
-                row = dict.fromkeys(out)
-                if len(value) > self.reject_chars:
-                    row.update(kind="reject", source=name, location=f"{location}:{column}",
-                               reason=f"value of {len(value)} chars is over the "
-                                      f"{self.reject_chars}-char limit")
-                else:
-                    row.update(kind="cell", cell_id=cell_id(name, src.config, src.split, idx,
-                                                            column),
-                               dataset=name, config=src.config, split=src.split, row_idx=idx,
-                               column=column, value=value[:self.max_chars], row_key=key)
-                for k, v in row.items():
-                    out[k].append(v)
-        return pa.table(out, schema=CELLS_OR_REJECTS)
+            keep = stride_sample(total, src.max_rows)
+            rows = []
+            for pos, (_, record) in enumerate(load_file(src, uri, self.s3).rows):
+                idx = offset + pos
+                if keep is None or idx in keep:
+                    key = row_key(name, src.config, src.split, idx)
+                    rows += [(cell_id(name, src.config, src.split, idx, column), name,
+                              src.config, src.split, idx, column, value[:self.max_chars], key)
+                             for column, value in row_values(record, self.reject_chars)[0]]
+            yield pa.Table.from_pylist([dict(zip(CELL_ROWS.names, r)) for r in rows],
+                                       schema=CELL_ROWS)
 
 
 @dataclass
 class SourceRead:
-    """What reading a set of sources gave: cells (materialized), rejects and per-source stats."""
+    """What reading a set of sources gave: cells (a lazy dataset: reading it is the streaming
+    pass), rejects and per-source stats and descriptions (from the counting pass)."""
 
     cells: Any  # ray.data.Dataset with CELL_COLUMNS + row_key
     rejects: pa.Table
@@ -315,47 +322,74 @@ class SourceRead:
 def read_sources(sources: list[SourceConfig], cfg: IndexConfig,
                  s3: S3Config | None = None, files: dict[str, list[dict]] | None = None
                  ) -> SourceRead:
-    """Read sources into a materialized Ray Dataset of cells (plus rejects and counts)."""
+    """Sources → a lazy Ray Dataset of cells, after one counting pass.
+
+    Each pass is one Ray Data dataset over every file of every source (a few files per
+    block), with nothing materialized between them. 1. `ScanFiles`, run here: a row's index
+    counts the rows of its source's earlier files and `max_rows` samples the source's total,
+    so no row can be numbered or sampled before every file of its source is parsed, and the
+    build sizes its shards by the total cells; a few numbers per row come to the driver.
+    2. `FileCells`, returned unexecuted: parses the files again and streams the sampled rows'
+    cells to the consumer (the build: shard assignment, embedding actors, staging writes).
+    Parsing twice costs less than holding every parsed row in the object store meanwhile.
+    """
     import ray
-    from ray.data.expressions import col
 
     by_name = {s.name: s for s in sources}
     files = files or {s.name: list_files(s, s3) for s in sources}
     items = [{"source": s.name, "uri": f["uri"], "file_idx": k}
              for s in sources for k, f in enumerate(files[s.name])]
+    blocks = _num_blocks([f["size"] for s in sources for f in files[s.name]])
+    scanned = _arrow(ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        ScanFiles(by_name, s3, cfg), batch_size=None, batch_format="pyarrow"), SCAN_SCHEMA)
+
+    per_file = scanned.filter(pc.equal(scanned["kind"], "file")).sort_by(
+        [("source", "ascending"), ("file_idx", "ascending")])
+    row_cells = per_file["row_cells"].combine_chunks()
+    cells_of_rows, bounds = row_cells.values.to_numpy(), row_cells.offsets.to_numpy()
     stats = {s.name: {"files": len(files[s.name]), "rows": 0, "cells": 0, "rejects": 0}
              for s in sources}
-    parsed = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-              .map_batches(ParseFiles(by_name, s3), batch_size=1, batch_format="numpy")
-              .materialize())
-    meta = _arrow(parsed.filter(expr=col("kind") != "row"), PARSED_SCHEMA).to_pandas()
-    counts = meta[meta["kind"] == "count"].sort_values(["source", "file_idx"])
+    descriptions = {s.name: s.description for s in sources}
     offsets: dict[tuple[str, int], int] = {}
     totals: dict[str, int] = dict.fromkeys(by_name, 0)
-    descriptions = {s.name: s.description for s in sources}
-    for rec in counts.itertuples():
-        offsets[(rec.source, int(rec.file_idx))] = totals[rec.source]
-        totals[rec.source] += int(rec.pos)
-        if not descriptions[rec.source] and rec.description:
-            descriptions[rec.source] = rec.description
+    for name, file_idx, n, description in zip(*(per_file[c].to_pylist() for c in (
+            "source", "file_idx", "pos", "description"))):
+        offsets[(name, file_idx)] = totals[name]
+        totals[name] += n
+        if not descriptions[name] and description:
+            descriptions[name] = description
     keep = {name: stride_sample(totals[name], by_name[name].max_rows) for name in by_name}
-    for name in by_name:
+    for k, (name, file_idx) in enumerate(zip(per_file["source"].to_pylist(),
+                                             per_file["file_idx"].to_pylist())):
+        counts = cells_of_rows[bounds[k]:bounds[k + 1]]
+        if keep[name] is not None:
+            rows = offsets[(name, file_idx)] + np.arange(len(counts))
+            counts = counts[np.isin(rows, np.fromiter(keep[name], np.int64))]
+        stats[name]["cells"] += int(counts.sum())
         stats[name]["rows"] = totals[name] if keep[name] is None else len(keep[name])
-
-    both = (parsed.filter(expr=col("kind") == "row")
-            .map_batches(ToCells(by_name, offsets, keep, cfg), batch_format="pyarrow")
-            .materialize())
-    cells = both.filter(expr=col("kind") == "cell").select_columns(
-        [*CELL_COLUMNS, "row_key"]).materialize()
-    reject_table = pa.concat_tables([
-        _arrow(parsed.filter(expr=col("kind") == "reject"), PARSED_SCHEMA).select(REJECT_SCHEMA.names),
-        _arrow(both.filter(expr=col("kind") == "reject"), CELLS_OR_REJECTS).select(REJECT_SCHEMA.names),
-    ]).cast(REJECT_SCHEMA)
-    for name, n in _count(cells, "dataset").items():
-        stats[name]["cells"] = n
-    for name in reject_table["source"].to_pylist():
+    rejects = scanned.filter(pc.equal(scanned["kind"], "reject"))
+    sampled = [pos is None or keep[name] is None or offsets[(name, file_idx)] + pos in keep[name]
+               for name, file_idx, pos in zip(*(rejects[c].to_pylist()
+                                                for c in ("source", "file_idx", "pos")))]
+    rejects = rejects.filter(pa.array(sampled, pa.bool_())).select(REJECT_SCHEMA.names)
+    for name in rejects["source"].to_pylist():
         stats[name]["rejects"] += 1
-    return SourceRead(cells, reject_table, stats, descriptions)
+
+    for item in items:
+        item.update(offset=offsets[(item["source"], item["file_idx"])],
+                    total=totals[item["source"]])
+    cells = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        FileCells(by_name, s3, cfg), batch_size=None, batch_format="pyarrow")
+    return SourceRead(cells, rejects.cast(REJECT_SCHEMA), stats, descriptions)
+
+
+def _num_blocks(sizes: list[int]) -> int:
+    """Files per block: blocks of about READ_BLOCK_BYTES, at least one per CPU of the cluster
+    (parsing runs in parallel), at most one per file."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(len(sizes), max(cpus, math.ceil(sum(sizes) / READ_BLOCK_BYTES))))
 
 
 def _arrow(ds: Any, schema: pa.Schema) -> pa.Table:
@@ -364,12 +398,3 @@ def _arrow(ds: Any, schema: pa.Schema) -> pa.Table:
 
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
-
-
-def _count(ds: Any, column: str) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow",
-                                                           batch_size=None):
-        for item in pc.value_counts(batch[column]).to_pylist():
-            found[item["values"]] = found.get(item["values"], 0) + item["counts"]
-    return found

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ray.data import DataContext
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 from test_sources import CFG, EXPECTED, write_corpus
 from typer.testing import CliRunner
 
@@ -32,12 +34,34 @@ from rebase_ray.storage import StorageError, open_storage
 TOTAL_CELLS = sum(c for _, c, _ in EXPECTED.values())
 
 
+def run_counter() -> type:
+    """An execution callback that Ray Data (`DataContext.custom_execution_callback_classes`)
+    calls as each dataset execution starts in this process: it counts them. Made in a function
+    so that Ray pickles it by value with the context that its tasks receive."""
+
+    class CountedRuns(ExecutionCallback):
+        runs = 0
+
+        def before_execution_starts(self, executor) -> None:
+            CountedRuns.runs += 1
+
+    return CountedRuns
+
+
+CountedRuns = run_counter()
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("corpus")
     sources = write_corpus(root)
     out = str(root / "store")
-    summary = build_datastore(sources, out, CFG)
+    callbacks = DataContext.get_current().custom_execution_callback_classes
+    callbacks.append(CountedRuns)
+    try:
+        summary = build_datastore(sources, out, CFG)
+    finally:
+        callbacks.remove(CountedRuns)
     return sources, out, summary
 
 
@@ -87,6 +111,13 @@ def test_build_counts_and_layout(built):
     assert by_name["bigbench"]["description"] == "Answer arithmetic questions"
     assert by_name["parquet"]["domain"] == "p" and by_name["json"]["license"] == "CC0"
     assert abs(np.linalg.norm(by_name["csv"]["vector"]) - 1) < 1e-4
+
+
+def test_the_build_runs_two_ray_data_passes(built):
+    """Issue 21: the counting pass (`read_sources`), then one streaming pass from the files to
+    the staged embeddings (parsing, cells, shard pieces, the embedding actors and the staging
+    writes in one execution), with nothing materialized in between."""
+    assert CountedRuns.runs == 2
 
 
 def test_cell_vector_finds_its_cell_first(built):

@@ -1,5 +1,10 @@
 """The embedder's two backends on the bundled MiniLM: ONNX Runtime (our own export, cached)
-gives the vectors of sentence-transformers' torch `encode`, and `auto` picks ONNX on a CPU."""
+gives the vectors of sentence-transformers' torch `encode`, a cached export starts without the
+torch model, and `auto` picks ONNX on a CPU."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -9,8 +14,9 @@ from rebase_ray.datastore.encoders import (
     load_encoder,
     onnx_model,
     resolve_backend,
+    sentence_config,
 )
-from rebase_ray.models import MINILM, load_embedder
+from rebase_ray.models import MINILM, ModelError, load_embedder
 
 TEXTS = ["a", "The prime minister said the budget would protect schools.",
          "Chelsea won the league after a 2-0 victory at home on Sunday afternoon.",
@@ -40,3 +46,36 @@ def test_auto_is_onnx_on_a_cpu_and_torch_on_a_gpu():
     assert isinstance(load_encoder(MINILM, "cpu", "auto"), OnnxEncoder)
     with pytest.raises(ValueError, match="runs on the CPU"):
         load_encoder(MINILM, "cuda", "onnx")
+
+
+# A fresh process: with the export cached, the ONNX encoder reads the tokenizer, max length and
+# pooling from the model's files and never imports sentence-transformers (the torch model).
+CACHED_START = """
+import sys
+from rebase_ray.datastore.encoders import OnnxEncoder
+encoder = OnnxEncoder("bundled:minilm", threads=1)
+assert encoder.encode(["a cell"], batch_size=4).shape == (1, 384)
+print(encoder.max_len, encoder.lower, "sentence_transformers" in sys.modules)
+"""
+
+
+def test_a_cached_export_starts_without_the_torch_model():
+    onnx_model(MINILM)  # made here unless the cache has it
+    proc = subprocess.run([sys.executable, "-c", CACHED_START], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # MiniLM's sentence_bert_config.json: max_seq_length 256, do_lower_case false
+    assert proc.stdout.split() == ["256", "False", "False"]
+
+
+def test_onnx_refuses_a_model_it_cannot_pool(tmp_path):
+    """CLS pooling (read from the model's files, nothing loaded) is torch's to run."""
+    kinds = ["Transformer", "Pooling", "Normalize"]
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": i, "name": str(i), "path": ["", "1_Pooling", "2_Normalize"][i],
+         "type": f"sentence_transformers.models.{kind}"} for i, kind in enumerate(kinds)]))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    with pytest.raises(ModelError, match="mean pooling.*use index.backend: torch"):
+        sentence_config(str(tmp_path))

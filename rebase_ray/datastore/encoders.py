@@ -8,11 +8,16 @@ sentence-transformers `backend="onnx"` needs optimum-onnx, which pins transforme
 It is written once per model into the model cache (a file lock keeps concurrent actors from
 exporting twice) and the pooling the model declares (mean over the attention mask, then L2
 normalisation) is applied to ONNX Runtime's output. Vectors are L2-normalised float32.
+Tokenizer, max length and pooling are read from the model's files, so an encoder whose export
+is cached never builds the torch model (an embedding actor or a query starts faster).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -45,24 +50,26 @@ class TorchEncoder:
 
 
 class OnnxEncoder:
-    """The model's transformer through ONNX Runtime, pooled as the model declares."""
+    """The model's transformer through ONNX Runtime, pooled as the model declares. Tokenizer,
+    max length and pooling come from the model's files (`sentence_config`): the torch model is
+    built only to make the export, once per model (`onnx_model`)."""
 
     def __init__(self, ref: str, threads: int):
         import onnxruntime as ort
 
-        from rebase_ray.models import load_embedder
-
-        st = load_embedder(ref, "cpu")
-        self.tokenizer, self.max_len = st.tokenizer, st.max_seq_length
+        config = sentence_config(ref)
+        self.tokenizer, self.lower = config.tokenizer(), config.lower
+        self.max_len = self.tokenizer.model_max_length
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(str(onnx_model(ref, st)), options,
+        self.session = ort.InferenceSession(str(onnx_model(ref)), options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         """Batches of similar length (as sentence-transformers' `encode` sorts them)."""
         out: np.ndarray | None = None
+        texts = [t.lower() for t in texts] if self.lower else texts
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
@@ -88,16 +95,78 @@ def load_encoder(ref: str, device: str, backend: Backend = "auto", threads: int 
     return TorchEncoder(ref, device)
 
 
-def onnx_model(ref: str, st) -> Path:
-    """The ONNX export of sentence-transformers model `st` (loaded from `ref`), made once."""
-    import onnx
-    import torch
+@dataclass
+class SentenceConfig:
+    """What encoding needs from a sentence-transformers model folder (or hub id)."""
+
+    folder: str  # the transformer module's folder
+    subfolder: str
+    tokenizer_kwargs: dict
+    lower: bool  # do_lower_case
+    max_positions: int | None  # config.json's max_position_embeddings
+
+    def tokenizer(self):
+        """The tokenizer with the max length sentence-transformers gives it."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.folder, subfolder=self.subfolder,
+                                            **self.tokenizer_kwargs)
+        if "model_max_length" not in self.tokenizer_kwargs and self.max_positions:
+            tok.model_max_length = min(tok.model_max_length, self.max_positions)
+        return tok
+
+
+def sentence_config(ref: str) -> SentenceConfig:
+    """`ref`'s modules.json, sentence_bert_config.json and pooling config, read without loading
+    the model; a model other than transformer + mean pooling + Normalize is refused."""
+    from rebase_ray.models import ModelError, resolve
+
+    root = resolve(ref)
+    modules = _model_json(root, "modules.json") or []
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    pooling = (_model_json(root, f"{modules[1]['path']}/config.json") or {}
+               if len(modules) > 1 else {})
+    # sentence-transformers 3-5 and 6 spell the mode differently
+    modes = {k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True}
+    if kinds != ["Transformer", "Pooling", "Normalize"] or not (
+            pooling.get("pooling_mode") == "mean" or modes == {"pooling_mode_mean_tokens"}):
+        raise ModelError("index.backend onnx handles transformer + mean pooling + Normalize "
+                         f"models only, not {kinds or 'a model without modules.json'} "
+                         f"({pooling}); use index.backend: torch")
+    sub = modules[0]["path"]
+    config = _model_json(root, f"{sub}/sentence_bert_config.json".lstrip("/")) or {}
+    kwargs = dict(config.get("processor_kwargs") or config.get("tokenizer_args") or {})
+    if config.get("max_seq_length") is not None:
+        kwargs.setdefault("model_max_length", config["max_seq_length"])
+    positions = (_model_json(root, f"{sub}/config.json".lstrip("/")) or {}).get(
+        "max_position_embeddings")
+    return SentenceConfig(root, sub, kwargs, bool(config.get("do_lower_case")),
+                          positions if positions and positions > 0 else None)
+
+
+def _model_json(root: str, name: str) -> dict | list | None:
+    """A JSON file of a model folder or hub repository; None where it has none."""
+    path = Path(root) / name
+    if not Path(root).is_dir():
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(root, name))
+        except EntryNotFoundError:
+            return None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def onnx_model(ref: str, st=None) -> Path:
+    """The ONNX export of `ref`'s transformer, made once per model (and torch, onnx and opset
+    versions) into the model cache. The torch model (`st`, a loaded SentenceTransformer, when
+    the caller has one) is loaded only to make the export."""
     from filelock import FileLock
 
-    from rebase_ray.models import ModelError, cache_dir, resolve
+    from rebase_ray.models import ModelError, cache_dir, load_embedder, resolve
 
-    _check_pooling(st)
-    key = hashlib.sha256(f"{resolve(ref)}\x1f{torch.__version__}\x1f{onnx.__version__}"
+    key = hashlib.sha256(f"{resolve(ref)}\x1f{version('torch')}\x1f{version('onnx')}"
                          f"\x1f{OPSET}".encode()).hexdigest()[:16]
     folder = cache_dir() / "onnx" / key
     path = folder / "model.onnx"
@@ -107,6 +176,9 @@ def onnx_model(ref: str, st) -> Path:
     with FileLock(str(folder) + ".lock"):
         if (folder / ".complete").exists():  # another actor exported it meanwhile
             return path
+        import torch
+
+        st = st if st is not None else load_embedder(ref, "cpu")
         model = st[0].auto_model.eval()
         names = [n for n in ONNX_INPUTS if n in st.tokenizer.model_input_names]
         sample = st.tokenizer(["a short one", "a padded, somewhat longer example"],
@@ -121,18 +193,6 @@ def onnx_model(ref: str, st) -> Path:
                              "use index.backend: torch") from exc
         (folder / ".complete").write_text(ref)
     return path
-
-
-def _check_pooling(st) -> None:
-    from rebase_ray.models import ModelError
-
-    pooling = st[1].get_config_dict() if len(st) > 1 else {}
-    # sentence-transformers 3-5 and 6 spell the mode differently
-    mean = pooling.get("pooling_mode") == "mean" or pooling.get("pooling_mode_mean_tokens")
-    if len(st) != 3 or not mean or type(st[2]).__name__ != "Normalize":
-        raise ModelError("index.backend onnx handles transformer + mean pooling + Normalize "
-                         f"models only, not {[type(m).__name__ for m in st]} ({pooling}); use "
-                         "index.backend: torch")
 
 
 def _keyword_inputs(model, names: list[str]):

@@ -2,15 +2,17 @@
 
 1. Sources whose shards are already built and intact (same build config, same source
    fingerprints, checksums verified) are kept; the others form this run's *group*.
-2. The group's sources are read into cells (`rebase_ray.sources`), each row assigned to one
-   of the group's shards by the hash of its row key (a row never spans shards).
-3. Cells of shards not finished yet (a crashed run leaves finished shards with their
-   `shard.json`) and the sources' descriptions are embedded by an actor pool and staged as
-   Parquet partitioned by shard, one file per embedded block and shard as each block
-   finishes. The staging folder is keyed by what the embeddings depend on (`staging_key`), so
-   a rerun of a build that died while embedding reads the pieces already there (a piece cut
-   short by the kill has no Parquet footer and is deleted) and embeds only the cells and
-   descriptions that are missing.
+2. The group's sources are counted (`rebase_ray.sources.read_sources`, the first of the two
+   Ray Data passes: rows, cells, rejects and descriptions), which fixes the shard count.
+3. The second pass streams: the files are parsed into cells, each row assigned to one of the
+   group's shards by the hash of its row key (a row never spans shards); cells of shards not
+   finished yet (a crashed run leaves finished shards with their `shard.json`) and the
+   sources' descriptions are embedded by an actor pool and staged as Parquet partitioned by
+   shard, one file per embedded block and shard as each block finishes. The staging folder
+   is keyed by what the embeddings depend on (`staging_key`), so a rerun of a build that died
+   while embedding reads the pieces already there (a piece cut short by the kill has no
+   Parquet footer and is deleted) and embeds only the cells and descriptions that are
+   missing.
 4. One Ray task per shard (`datastore.shards`) sorts its cells, writes cells.parquet, vectors.npy, basis.npy (the
    basis of its sources' descriptions) and index.faiss (dataset-aware: see
    `datastore.index`) and their checksums.
