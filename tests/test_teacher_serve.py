@@ -115,6 +115,60 @@ def test_auth_and_bad_input_codes(teacher):
     assert resp.status_code == 413 and "20000 bytes" in resp.json()["error"]["message"]
 
 
+def test_auth_is_a_dependency_of_the_keyed_routes(teacher):
+    """No key or a wrong one: an OpenAI-style 401 on every keyed route; the key: 200."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    keyed = [("GET", teacher + "/models"), ("GET", teacher[:-3] + "/metrics"),
+             ("POST", teacher + "/chat/completions")]
+    for method, url in keyed:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                        {"Authorization": f"Basic {KEY}"}):
+            resp = httpx.request(method, url, headers=headers, json={})
+            assert resp.status_code == 401, (method, url, headers)
+            assert resp.json() == {"error": {
+                "message": "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                "type": "authentication_error", "code": 401}}
+    assert httpx.get(teacher + "/models", headers=auth).status_code == 200
+    assert httpx.get(teacher[:-3] + "/metrics", headers=auth).status_code == 200
+
+
+def test_typed_body_errors_are_openai_shaped_400s(teacher):
+    """FastAPI validates the ChatRequest body; every failure is one 400 naming the field."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    resp = httpx.post(teacher + "/chat/completions", headers=auth, json={
+        "messages": [{"role": "robot", "content": "x"}], "n": 0})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", 400)
+    assert "body.messages.0.role" in error["message"] and "body.n" in error["message"]
+    resp = httpx.post(teacher + "/chat/completions", headers={**auth, "Content-Type":
+                                                              "application/json"},
+                      content=b'{"messages": [')
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"].startswith("the body is not valid JSON")
+
+
+def test_streamed_body_over_the_limit_is_413(teacher):
+    """A chunked body (no Content-Length) is refused once its bytes pass max_request_bytes."""
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    resp = httpx.post(teacher + "/chat/completions", content=chunks(), headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert resp.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in resp.request.headers
+    assert resp.status_code == 413
+    assert resp.json()["error"] == {"message": "request body over 20000 bytes",
+                                    "type": "request_too_large", "code": 413}
+    small = httpx.post(teacher + "/chat/completions", content=iter([
+        b'{"messages": [{"role": "user", "content": "hi"}],', b' "max_tokens": 2}']),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert small.status_code == 200, small.text
+
+
 def test_budget_is_hard_and_counted_by_the_server(teacher):
     before = metrics(teacher)["requests"]
     client = TeacherClient(teacher, api_key=KEY, model=TINY, concurrency=4, max_requests=5)
@@ -292,6 +346,35 @@ def test_killed_replica_is_restarted(teacher):
         time.sleep(0.5)
     later = TeacherClient(teacher, api_key=KEY, model=TINY).chat_many([HELLO] * 3, max_tokens=4)
     assert all(not isinstance(r, Exception) for r in later), later
+
+
+def prometheus_total(name: str, app: str) -> float:
+    """A metric of one Serve app summed over its replicas, as Prometheus would scrape it from
+    every node's Ray metrics export port."""
+    import ray
+
+    total = 0.0
+    for node in ray.nodes():
+        if node["Alive"]:
+            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+                             "/metrics", timeout=30).text
+            total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith(name + "{") and f'application="{app}"' in line)
+    return total
+
+
+@pytest.mark.slow
+def test_serve_metrics_reach_prometheus(teacher):
+    """The replica's counters are Ray Serve metrics too: Ray exports them (every few seconds)
+    with the app's tags, for Prometheus to add up across replicas."""
+    name = "ray_rebase_teacher_requests_total"
+    before = prometheus_total(name, "teacher")
+    TeacherClient(teacher, api_key=KEY, model=TINY).chat_many([HELLO] * 2, max_tokens=2)
+    deadline = time.monotonic() + 60
+    while prometheus_total(name, "teacher") < before + 2:
+        assert time.monotonic() < deadline, "the request counter never reached the export"
+        time.sleep(1)
+    assert prometheus_total("ray_rebase_teacher_batch_size_count", "teacher") > 0
 
 
 @pytest.mark.slow

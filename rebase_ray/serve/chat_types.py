@@ -1,15 +1,20 @@
-"""The teacher endpoint's typed request bodies (OpenAI's chat API, with vLLM's
-`structured_outputs`): pydantic models that FastAPI validates, each response format turned into
-a grammar `Constraint`."""
+"""The teacher endpoint's typed bodies: requests (OpenAI's chat API, with vLLM's
+`structured_outputs`) are pydantic models that FastAPI validates, each response format turned
+into a grammar `Constraint`; responses are the `openai` package's own types."""
 
 # No `from __future__ import annotations`: FastAPI reads these models' annotations.
+import time
+import uuid
 from typing import Annotated, Any, Literal
 
+from openai.types import CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self  # typing.Self is Python 3.11+
 
 from rebase_ray.generation import Constraint
-from rebase_ray.teacher.types import OutputFormat, SamplingParams
+from rebase_ray.teacher.types import Completion, OutputFormat, SamplingParams
 
 
 class TextPart(BaseModel):
@@ -140,3 +145,24 @@ class ChatRequest(BaseModel):
                 by_alias=True, exclude_unset=True)}
             return OutputFormat(fields, self.structured_outputs.constraint())
         return None
+
+
+class ModelList(BaseModel):
+    """GET /v1/models (the `openai` package types the page only on the client side)."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def chat_completion(model: str, choices: list[Completion]) -> ChatCompletion:
+    """The response to a chat request answered with `choices` (n of them, one prompt)."""
+    completion_tokens = sum(c.completion_tokens for c in choices)
+    prompt_tokens = choices[0].prompt_tokens if choices else 0
+    return ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=int(time.time()),
+        model=model,
+        choices=[Choice(index=i, message=ChatCompletionMessage(role="assistant", content=c.text),
+                        finish_reason=c.finish_reason, logprobs=None)
+                 for i, c in enumerate(choices)],
+        usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens))

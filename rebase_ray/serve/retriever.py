@@ -6,8 +6,11 @@ with the teacher at `/`):
 - POST /retrieve {instruction, examples: [{input, output}], top_n, exclude_datasets}
   → {"rows": [{rank, row_key, dataset, domain, score, input_score, output_score,
      dataset_score, best_input_column, best_output_column, row}], "candidates": int}
-- GET /healthz (no auth) → datastore size.
-Auth, size limit and errors come from `serve.http` (401 / 400 / 413, JSON errors).
+- GET /healthz (no auth) → datastore size, embedding cache, requests and batches served by
+  this replica (the same counts go to Ray Serve's metrics: `rebase_retriever_requests`,
+  `rebase_retriever_batch_size`).
+The request body is the typed `RetrieveRequest`; auth, size limit and errors come from
+`serve.http` (401 / 400 / 413, JSON errors).
 
 Concurrent requests are merged by `@serve.batch` (max batch size and wait from
 `RetrieveConfig`): their texts are embedded in one call and their searches share the round
@@ -20,17 +23,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve import metrics
 
 from rebase_ray.config import RetrieveConfig, S3Config
 from rebase_ray.retrieve.retriever import Retrieval, Retriever
 from rebase_ray.serve.http import (
-    Guard,
+    Access,
     config_file,
     deployed,
-    install_error_handlers,
+    openai_style_api,
+    require_api_key,
     resolve_api_key,
     wait_for_interrupt,
     without_secrets,
@@ -53,7 +58,7 @@ class RetrieveRequest(BaseModel):
     exclude_datasets: list[str] = []
 
 
-api = install_error_handlers(FastAPI(title="rebase-ray retriever"))
+api = openai_style_api("rebase-ray retriever")
 
 
 @serve.deployment
@@ -66,9 +71,14 @@ class RetrieverServer:
         self.retriever.store.embed(["warm up"])  # load the embedder now, not on a request
         self.search_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.search_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        self.guard = Guard(api_key, self.cfg.serve.max_request_bytes)
+        self.access = Access(api_key, self.cfg.serve.max_request_bytes)
         self.datastore = datastore
         self.served = {"requests": 0, "batches": 0}  # this replica's, since it started
+        self.requests = metrics.Counter("rebase_retriever_requests",
+                                        description="retrieve requests answered")
+        self.batch_size = metrics.Histogram(
+            "rebase_retriever_batch_size", description="requests per @serve.batch batch",
+            boundaries=[1, 2, 4, 8, 16, 32, 64])
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -78,10 +88,8 @@ class RetrieverServer:
                 "embed_cache": {"texts": len(cache.vectors), "hits": cache.hits,
                                 "misses": cache.misses}, **self.served}
 
-    @api.post("/retrieve")
-    async def retrieve(self, request: Request) -> dict[str, Any]:
-        self.guard.check_auth(request)
-        req = await self.guard.read_json(request, RetrieveRequest)
+    @api.post("/retrieve", dependencies=[Depends(require_api_key)])
+    async def retrieve(self, req: RetrieveRequest) -> dict[str, Any]:
         start = time.perf_counter()
         result = await self.search_batch(req)
         rows = [{c: v for c, v in h.items() if c not in ("config", "split", "row_idx")}
@@ -91,13 +99,15 @@ class RetrieverServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def search_batch(self, reqs: list[RetrieveRequest]) -> list[Retrieval]:
+        self.served["requests"] += len(reqs)
+        self.served["batches"] += 1
+        self.requests.inc(len(reqs))
+        self.batch_size.observe(len(reqs))
         return await asyncio.to_thread(self._search, reqs)
 
     def _search(self, reqs: list[RetrieveRequest]) -> list[Retrieval]:
         """One embedding call for the batch, then one `search_many` per distinct
         (top_n, exclude_datasets) among its requests."""
-        self.served["requests"] += len(reqs)
-        self.served["batches"] += 1
         queries = self.retriever.queries([
             (r.instruction, [e.input for e in r.examples], [e.output for e in r.examples])
             for r in reqs])

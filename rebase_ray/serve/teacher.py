@@ -2,7 +2,10 @@
 
 Routes (under the app's route prefix): POST /v1/chat/completions, GET /v1/models, GET /healthz
 (no auth), GET /metrics (this replica's counters: requests, batch sizes, tokens/s, queue time,
-timeouts, disconnects, aborted and truncated replies).
+timeouts, disconnects, aborted and truncated replies; the same figures go to Ray Serve's
+metrics, summed across replicas by Prometheus: `serve/stats.py`). Request bodies are the typed
+models of `serve/chat_types.py`, responses the `openai` package's types; auth, the body size
+limit and the JSON errors come from `serve/http.py`.
 
 The transformers backend answers through `@serve.batch`: concurrent requests are merged into
 one `generate` call (max batch size and wait from `TeacherConfig`); requests in one batch that
@@ -20,7 +23,8 @@ handler) is dropped; either way its row stops generating (its cancel flag is pol
 every token) while the rest of its batch goes on.
 
 The `vllm` backend is Ray Serve LLM's own OpenAI app (see `serve/vllm_app.py`), which has
-its own continuous batching and structured outputs but not our auth, size limit and /metrics.
+its own continuous batching, structured outputs and metrics but not our auth, size limit and
+/metrics.
 
 - `build_teacher_app(cfg)` → a Serve application (route prefix chosen at deploy time);
 - `local_teacher(cfg)` → deploys it on the running Ray, yields the OpenAI base URL;
@@ -33,30 +37,32 @@ import asyncio
 import math
 import threading
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends
+from openai.types import Model
+from openai.types.chat import ChatCompletion
 from ray import serve
 from starlette.exceptions import HTTPException
 
 from rebase_ray.config import TeacherConfig
 from rebase_ray.generation import UnsupportedSchema
-from rebase_ray.serve.chat_types import ChatRequest
+from rebase_ray.serve.chat_types import ChatRequest, ModelList, chat_completion
 from rebase_ray.serve.http import (
-    Guard,
+    Access,
     config_file,
     deployed,
-    install_error_handlers,
+    openai_style_api,
+    require_api_key,
     resolve_api_key,
     teacher_client_key,
     wait_for_interrupt,
     without_secrets,
 )
+from rebase_ray.serve.stats import TeacherStats
 from rebase_ray.serve.vllm_app import IMPORT_PATH as VLLM_IMPORT_PATH
 from rebase_ray.serve.vllm_app import build_vllm_app, openai_app_args, served_name
 from rebase_ray.teacher.backends import make_backend
@@ -84,70 +90,9 @@ class Row:
         return p.temperature, p.top_p, p.n, p.stop
 
 
-class ReplicaStats:
-    """Counters of one replica, served as JSON by GET /metrics."""
-
-    def __init__(self, replica: str):
-        self.replica = replica
-        self.started = time.time()
-        self.requests = self.structured = self.errors = self.timeouts = self.disconnects = 0
-        self.aborted = self.truncated = 0  # choices cancelled / cut by max_tokens
-        self.batches = 0
-        self.batch_sizes: Counter[int] = Counter()  # rows per generate call → count
-        self.prompt_tokens = self.completion_tokens = 0
-        self.generate_s = 0.0
-        self.queue_s_sum = self.queue_s_max = 0.0
-        self.queued = 0
-
-    def record_batch(self, rows: int, seconds: float, comps: list[list[Completion]]) -> None:
-        self.batches += 1
-        self.batch_sizes[rows] += 1
-        self.generate_s += seconds
-        for choices in comps:
-            self.prompt_tokens += choices[0].prompt_tokens if choices else 0
-            self.completion_tokens += sum(c.completion_tokens for c in choices)
-            self.aborted += sum(c.finish_reason == "abort" for c in choices)
-            self.truncated += sum(c.finish_reason == "length" for c in choices)
-
-    def record_queue(self, seconds: float) -> None:
-        self.queued += 1
-        self.queue_s_sum += seconds
-        self.queue_s_max = max(self.queue_s_max, seconds)
-
-    def to_dict(self) -> dict[str, Any]:
-        rows = sum(size * count for size, count in self.batch_sizes.items())
-        return {
-            "replica": self.replica, "uptime_s": round(time.time() - self.started, 3),
-            "requests": self.requests, "structured": self.structured, "errors": self.errors,
-            "timeouts": self.timeouts, "disconnects": self.disconnects,
-            "aborted": self.aborted, "truncated": self.truncated, "batches": self.batches,
-            "batch_size_mean": rows / self.batches if self.batches else 0.0,
-            "batch_size_max": max(self.batch_sizes, default=0),
-            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "generate_s": round(self.generate_s, 4),
-            "tokens_per_s": self.completion_tokens / self.generate_s if self.generate_s else 0.0,
-            "queue_s_mean": self.queue_s_sum / self.queued if self.queued else 0.0,
-            "queue_s_max": self.queue_s_max,
-        }
-
-
-def chat_response(model: str, choices: list[Completion]) -> dict[str, Any]:
-    completion_tokens = sum(c.completion_tokens for c in choices)
-    prompt_tokens = choices[0].prompt_tokens if choices else 0
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-        "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                     "finish_reason": c.finish_reason, "logprobs": None}
-                    for i, c in enumerate(choices)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
-    }
-
-
 # The class below is pickled when it is decorated: what its methods use is defined above.
-api = install_error_handlers(FastAPI(title="rebase-ray teacher"))
+api = openai_style_api("rebase-ray teacher")
+KEYED = [Depends(require_api_key)]
 
 
 @serve.deployment
@@ -157,33 +102,28 @@ class TeacherServer:
         config = TeacherConfig.model_validate(cfg)
         self.model_name = served_name(config)
         self.backend = make_backend(config)
-        self.guard = Guard(api_key, config.serve.max_request_bytes)
+        self.access = Access(api_key, config.serve.max_request_bytes)
         self.timeout_s = config.serve.request_timeout_s
         self.max_tokens_limit = config.max_tokens_limit
         self.generate_batch.set_max_batch_size(config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        self.stats = ReplicaStats(serve.get_replica_context().replica_id.to_full_id_str())
+        self.stats = TeacherStats(serve.get_replica_context().replica_id.to_full_id_str())
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "model": self.model_name}
 
-    @api.get("/metrics")
-    async def metrics(self, request: Request) -> dict[str, Any]:
-        self.guard.check_auth(request)
+    @api.get("/metrics", dependencies=KEYED)
+    async def metrics(self) -> dict[str, Any]:
         return self.stats.to_dict()
 
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self.guard.check_auth(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": int(self.stats.started),
-                                            "owned_by": "rebase-ray"}]}
+    @api.get("/v1/models", dependencies=KEYED)
+    async def models(self) -> ModelList:
+        return ModelList(data=[Model(id=self.model_name, object="model",
+                                     created=int(self.stats.started), owned_by="rebase-ray")])
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> dict[str, Any]:
-        self.guard.check_auth(request)
-        req = await self.guard.read_json(request, ChatRequest)
+    @api.post("/v1/chat/completions", dependencies=KEYED)
+    async def chat_completions(self, req: ChatRequest) -> ChatCompletion:
         if req.stream:
             raise HTTPException(400, "stream=true is not supported by this server")
         if req.model not in (None, self.model_name):
@@ -200,9 +140,9 @@ class TeacherServer:
                 await asyncio.to_thread(self.backend.prepare, fmt)
         except UnsupportedSchema as exc:
             raise HTTPException(400, f"unsupported structured output: {exc}") from None
-        self.stats.requests += 1
+        self.stats.count("requests")
         if fmt is not None and fmt.constraint is not None:
-            self.stats.structured += 1
+            self.stats.count("structured")
         cancel = threading.Event()
         row = Row([m.plain() for m in req.messages], req.sampling(min(DEFAULT_MAX_TOKENS, limit)),
                   fmt, cancel.is_set, time.monotonic())
@@ -210,16 +150,16 @@ class TeacherServer:
             choices = await asyncio.wait_for(self.generate_batch(row), self.timeout_s)
         except asyncio.TimeoutError:
             cancel.set()
-            self.stats.timeouts += 1
+            self.stats.count("timeouts")
             raise HTTPException(504, f"no answer within {self.timeout_s} s") from None
         except asyncio.CancelledError:  # the client went away and Serve cancelled this handler
             cancel.set()
-            self.stats.disconnects += 1
+            self.stats.count("disconnects")
             raise
         except Exception as exc:
-            self.stats.errors += 1
+            self.stats.count("errors")
             raise HTTPException(500, f"generation failed: {exc}") from exc
-        return chat_response(self.model_name, choices)
+        return chat_completion(self.model_name, choices)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
     async def generate_batch(self, rows: list[Row]) -> list[list[Completion]]:
