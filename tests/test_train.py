@@ -71,28 +71,61 @@ def test_encode_multitask_teaches_the_answer_and_the_rationale_apart():
     assert answers[4].startswith("no") and EXPLAIN not in prompts[4]
 
 
-@pytest.mark.slow
-def test_two_workers_on_s3_survive_a_killed_worker(ray_cluster, s3_bucket, tmp_path):
-    """2 gloo workers, run storage on S3; rank 1 dies once right after step 6 (the checkpoint
-    is at step 4): the group restarts from step 4 and finishes all 12 steps; loss falls."""
-    marker = tmp_path / "killed"
+def recorder(folder: Path, kill_after: int | None = None):
+    """An `on_step` hook that writes the sequences of each worker's batch to
+    `folder/<step>-<rank>`; with `kill_after`, rank 1 then dies once right after that step."""
+    marker = folder / "killed"
 
-    def kill_once(step: int, rank: int) -> None:
-        if step == 6 and rank == 1 and not os.path.exists(marker):
-            Path(marker).write_text("x")
+    def on_step(step: int, rank: int, seqs: list[int]) -> None:
+        (folder / f"{step}-{rank}").write_text(" ".join(map(str, seqs)))
+        if step == kill_after and rank == 1 and not marker.exists():
+            marker.write_text("x")
             # the controller registers reported checkpoints when it polls the workers, every
             # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default; 0.25 s here: conftest)
             poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
             time.sleep(max(1.0, 1.5 * poll_s))
             os._exit(1)
 
-    out = f"{s3_bucket}/run"
-    summary = train_student(examples_table(), TASK, tiny(num_workers=2, max_steps=12), out,
-                            on_step=kill_once)
-    assert marker.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    return on_step
+
+
+def batches_seen(folder: Path) -> dict[tuple[int, int], list[int]]:
+    """{(step, rank): the sequences of that worker's batch} written by `recorder`."""
+    return {tuple(map(int, f.name.split("-"))): list(map(int, f.read_text().split()))
+            for f in folder.iterdir() if "-" in f.name}
+
+
+# 2 workers: 16 sequences are 8 a worker, 4 steps an epoch at batch 2; no dropout, so that an
+# interrupted run can match an uninterrupted one step for step
+TWO_WORKERS = {"num_workers": 2, "max_steps": 12, "checkpoint_every": 3,
+               "lora": {"dropout": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_cluster, s3_server, tmp_path_factory) -> tuple[dict, str, Path]:
+    """(summary, out, recorder folder) of a 2-worker run on S3 whose rank 1 dies once right
+    after step 5 (the checkpoint is at step 3, in the middle of the first epoch)."""
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server},
+                     skip_instance_cache=True).mkdir("test-killed-run")
+    folder = tmp_path_factory.mktemp("killed")
+    out = "s3://test-killed-run/run"
+    summary = train_student(examples_table(), TASK, tiny(**TWO_WORKERS), out,
+                            on_step=recorder(folder, kill_after=5))
+    return summary, out, folder
+
+
+@pytest.mark.slow
+def test_two_workers_on_s3_survive_a_killed_worker(killed_run, tmp_path):
+    """2 gloo workers, run storage on S3; rank 1 dies once right after step 5 (the checkpoint
+    is at step 3): the group restarts from step 3 and finishes all 12 steps; loss falls."""
+    summary, out, folder = killed_run
+    assert (folder / "killed").exists()
     assert summary["restarts"] == 1
     assert summary["steps"] == 12 and summary["stop_reason"] == "max_steps"
-    assert [s for s, _ in summary["loss_curve"]] == list(range(1, 13))  # resumed at step 5
+    assert [s for s, _ in summary["loss_curve"]] == list(range(1, 13))  # resumed at step 4
     losses = [v for _, v in summary["loss_curve"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15
     assert summary["rejected"] == 1 and summary["examples_used"] == 8
@@ -110,6 +143,35 @@ def test_two_workers_on_s3_survive_a_killed_worker(ray_cluster, s3_bucket, tmp_p
     local = st.download_dir(f"{out}/adapter", str(tmp_path / "adapter"))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(TINY)), local)
     assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_workers_read_disjoint_halves_through_ray_data_and_resume_exactly(killed_run,
+                                                                          tmp_path):
+    """The sequences reach the workers as shards of a Ray Dataset: each epoch the 2 workers
+    read disjoint halves of the 16 sequences, in a new order; the run killed after step 5
+    and resumed from step 3 read the same batches and reached the same losses as a run that
+    was never interrupted."""
+    folder = tmp_path / "steps"
+    summary = train_student(examples_table(), TASK, tiny(**TWO_WORKERS), str(tmp_path / "run"),
+                            on_step=recorder(folder))
+    seen = batches_seen(folder)
+    assert summary["restarts"] == 0 and summary["steps"] == 12
+    assert summary["examples"] == 12 * 2 * 2
+    epochs = [[seen[step, rank] for step in range(4 * e + 1, 4 * e + 5) for rank in (0, 1)]
+              for e in range(3)]
+    for epoch in epochs:
+        halves = [{s for batch in epoch[rank::2] for s in batch} for rank in (0, 1)]
+        assert len(halves[0]) == len(halves[1]) == 8
+        assert halves[0] | halves[1] == set(range(16))  # disjoint halves, all of them
+    assert epochs[0] != epochs[1] != epochs[2]  # a new order every epoch
+
+    killed, _, killed_folder = killed_run
+    assert batches_seen(killed_folder) == seen  # the resumed run skipped what it had done
+    assert killed["tokens"] == summary["tokens"]
+    assert killed["examples"] == summary["examples"]
+    assert [v for _, v in killed["loss_curve"]] == pytest.approx(
+        [v for _, v in summary["loss_curve"]], abs=1e-4)
 
 
 BUDGETS = [
@@ -168,7 +230,7 @@ def test_bfloat16_mixed_precision_and_threads(ray_cluster, tmp_path):
 
     seen = tmp_path / "threads"
 
-    def record_threads(step, rank):  # runs in the worker
+    def record_threads(step, rank, seqs):  # runs in the worker
         import torch
 
         seen.write_text(str(torch.get_num_threads()))

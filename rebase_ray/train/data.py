@@ -1,7 +1,11 @@
-"""The student's training data: examples → tokenized rows (step 1 of `train.stage`), and the
-seeded schedule of global batches that every worker follows (step 2)."""
+"""The student's training data: examples → tokenized rows → a Ray Dataset (step 1 of
+`train.stage`), and each worker's seeded batches of its shard of it (step 2)."""
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -63,18 +67,40 @@ def encode(rows: list[dict], instruction: str, tokenizer, max_seq_len: int,
     return encoded, rejects, truncated
 
 
-# ----------------------------------------------------------------------------- schedule
-
-
-def batch_indices(step: int, n: int, global_batch: int, steps_per_epoch: int, seed: int
-                  ) -> list[int]:
-    """The example indices of global step `step` (0-based): a seeded permutation per epoch,
-    cut into global batches; the last batch of an epoch wraps around to stay full."""
+def training_dataset(data: list[dict], world: int, seed: int) -> tuple[Any, int]:
+    """(Ray Dataset of the sequences, rows per worker). The sequences go in a seeded order, so
+    that each worker's shard is a random part of them, and the first ones again at the end
+    where their number does not divide by `world` (like torch's DistributedSampler): the
+    equal split (`streaming_split(equal=True)`) then drops none and gives every worker as many
+    rows, hence as many batches. Each row keeps its index in `data` as `seq`."""
     import numpy as np
+    import ray
 
-    epoch, k = divmod(step, steps_per_epoch)
-    perm = np.random.default_rng(seed + epoch).permutation(n)
-    return [int(perm[(k * global_batch + j) % n]) for j in range(global_batch)]
+    order = np.random.default_rng(seed).permutation(len(data))
+    order = np.resize(order, len(data) + (-len(data)) % world)
+    items = [{"seq": int(i), "input_ids": data[i]["input_ids"],
+              "n_prompt": data[i]["n_prompt"]} for i in order]
+    return ray.data.from_items(items), len(items) // world
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def shard_batches(shard, step: int, steps_per_epoch: int, shard_rows: int, batch_size: int,
+                  seed: int) -> Iterator[list[dict]]:
+    """This worker's batches from global step `step` (0-based) on, epoch after epoch: each
+    epoch reads the shard (`ray.train.get_dataset_shard`) anew in an order of its own, seeded
+    by `seed + epoch` (a local shuffle over the whole shard), cut into batches of
+    `batch_size`, the last one of an epoch smaller. The same step gives the same rows on every
+    run, so a resumed run reads the batches it has done and skips them."""
+    epoch, skip = divmod(step, steps_per_epoch)
+    while True:
+        batches = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                     local_shuffle_buffer_size=shard_rows,
+                                     local_shuffle_seed=seed + epoch)
+        for batch in itertools.islice(batches, skip, None):
+            yield batch.to_pylist()
+        epoch, skip = epoch + 1, 0
 
 
 def budget_stop(step: int, tokens: int, examples: int, cfg: dict) -> str | None:

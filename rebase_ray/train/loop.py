@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rebase_ray.train.data import IGNORE, batch_indices, budget_stop, collate
+from rebase_ray.train.data import IGNORE, budget_stop, collate, shard_batches
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
@@ -68,19 +68,16 @@ def train_loop(config: dict) -> None:
     model.train()
     peft_model = model.module if world > 1 else model
 
-    data = ray.get(config["data_ref"])
-    n, batch = len(data), config["batch_size"]
-    global_batch = batch * world
-    on_step: Callable[[int, int], None] | None = config["on_step"]
+    batches = shard_batches(ray.train.get_dataset_shard("train"), state["step"],
+                            config["steps_per_epoch"], config["shard_rows"],
+                            config["batch_size"], config["seed"])
+    on_step: Callable[[int, int, list[int]], None] | None = config["on_step"]
     started, elapsed_before = time.time(), state["elapsed_s"]
     stop = budget_stop(state["step"], state["tokens"], state["examples"], config)
     while stop is None:
         t0 = time.time()
-        indices = batch_indices(state["step"], n, global_batch, config["steps_per_epoch"],
-                                config["seed"])
-        step_tokens = sum(len(data[i]["input_ids"]) for i in indices)
-        ids, mask, labels = collate([data[i] for i in indices[rank::world]],
-                                    config["pad_id"])
+        rows = next(batches)
+        ids, mask, labels = collate(rows, config["pad_id"])
         # bfloat16: mixed precision, the weights and the optimizer stay in float32
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=mixed):
@@ -91,16 +88,19 @@ def train_loop(config: dict) -> None:
         optimizer.step()
 
         n_answer = float((labels[:, 1:] != IGNORE).sum())
-        state["step"] += 1
-        state["tokens"] += step_tokens
-        state["examples"] += global_batch
         state["train_s"] += time.time() - t0
         state["elapsed_s"] = elapsed_before + time.time() - started
         over_wall = bool(config["max_wall_s"] and state["elapsed_s"] >= config["max_wall_s"])
-        agreed = torch.tensor([out.loss.item() * n_answer, n_answer, float(over_wall)])
+        agreed = torch.tensor([out.loss.item() * n_answer, n_answer, float(over_wall),
+                               float(mask.sum()), float(len(rows))],
+                              dtype=torch.float64, device=device)  # nccl: on the GPU
         if world > 1:
-            dist.all_reduce(agreed)  # global loss, and stop together on the wall budget
+            # the global loss, tokens and examples; every worker stops on the same step
+            dist.all_reduce(agreed)
         loss = agreed[0].item() / max(agreed[1].item(), 1.0)
+        state["step"] += 1
+        state["tokens"] += int(agreed[3].item())
+        state["examples"] += int(agreed[4].item())
         state["loss_curve"].append([state["step"], round(loss, 5)])
         stop = budget_stop(state["step"], state["tokens"], state["examples"], config)
         if stop is None and agreed[2].item() > 0:
@@ -124,6 +124,6 @@ def train_loop(config: dict) -> None:
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt)
         if on_step is not None:
-            on_step(state["step"], rank)
+            on_step(state["step"], rank, [r["seq"] for r in rows])
 
 

@@ -5,18 +5,22 @@ Flow (like torchtune's lora_finetune_single_device, spread over Ray Train worker
 1. Driver: read the examples table (input, output, optional rationale and domain), render each
    one with the tokenizer's chat template (`formats.training_chats`: the prompt, the answer,
    and with `rationale: multitask` a second prompt asking for the rationale), tokenize, and put
-   the encoded rows in the object store once. Rows without input or output are rejected with
+   the encoded rows in a Ray Dataset. Rows without input or output are rejected with
    their reason, never dropped silently; prompts too long for `max_seq_len` lose their oldest
    tokens (the answer is kept).
-2. Workers (`TorchTrainer`, DDP: gloo on CPU, nccl on GPU, via `prepare_model`): a fixed,
-   seeded schedule of global batches. Every worker knows the whole schedule, so the step,
-   token and example budgets are reached on the same step on every worker; the wall-time
-   budget is agreed on with one all-reduce per step. The loss covers the answer tokens only
-   (prompt labels are -100).
+2. Workers (`TorchTrainer`, DDP: gloo on CPU, nccl on GPU, via `prepare_model`): the encoded
+   rows reach them through Ray Data: one Ray Dataset, in a seeded order, split equally
+   (`datasets=`, `DataConfig`, `streaming_split(equal=True)` with `preserve_order`, so the
+   split is the same on every run); each worker reads its shard
+   (`get_dataset_shard("train")`) once per epoch in a seeded order of that epoch and pads
+   each batch. Every worker has as many rows, so as many steps; one all-reduce per step sums
+   the loss, the tokens and the examples, so every budget stops every worker on the same
+   step. The loss covers the answer tokens only (prompt labels are -100).
 3. Every `checkpoint_every` steps and at the end, rank 0 reports a checkpoint (the adapter, the
    optimizer state, the counters and the loss curve) to the run storage (`<out>/checkpoints`,
    local or S3). When a worker dies, `FailureConfig(max_failures)` restarts the group and the
-   loop resumes from the latest checkpoint: same step counter, same position in the schedule.
+   loop resumes from the latest checkpoint: same step counter, and the same batches from
+   there on (it reads the epoch's batches already done and skips them).
 4. Driver: copy the adapter of the final checkpoint to `<out>/adapter` (peft format), write
    `<out>/train_summary.json` and return the summary.
 """
@@ -39,7 +43,7 @@ from rebase_ray import progress
 from rebase_ray.config import S3Config, TaskConfig, TrainConfig
 from rebase_ray.runtime import init_ray, resolve_resources
 from rebase_ray.storage import Storage, split_uri
-from rebase_ray.train.data import encode, read_examples
+from rebase_ray.train.data import encode, read_examples, training_dataset
 from rebase_ray.train.loop import ADAPTER, STATE, train_loop
 
 POLL_S = 0.5  # how often the driver reads the step counter while training runs
@@ -115,11 +119,12 @@ def run(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, out: str,
 
     Writes `<out>/adapter/` (peft), `<out>/train_summary.json`, `<out>/checkpoints/` (Ray
     Train run storage) and `<out>/train_rejects.jsonl` when rows were rejected. Rerunning with
-    the same `out` resumes from the run's latest checkpoint. `on_step(step, rank)` is called on
-    every worker after each step (instrumentation, fault injection in tests).
+    the same `out` resumes from the run's latest checkpoint. `on_step(step, rank, seqs)` is
+    called on every worker after each step with the indices of the sequences of its batch
+    (instrumentation, fault injection in tests).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rebase_ray.models import load_tokenizer
@@ -139,25 +144,29 @@ def run(examples: pa.Table | str, task: TaskConfig, cfg: TrainConfig, out: str,
 
     # the workers' resources; a CPU left to the tasks that feed them (Ray Data)
     pool = resolve_resources(cfg.resources, reserve=1)
-    global_batch = cfg.batch_size * pool.actors
-    steps_per_epoch = math.ceil(len(data) / global_batch)
+    dataset, shard_rows = training_dataset(data, pool.actors, cfg.seed)
+    steps_per_epoch = math.ceil(shard_rows / cfg.batch_size)
     loop_config = {
         "model": cfg.model, "lora": cfg.lora.model_dump(), "learning_rate": cfg.learning_rate,
         "batch_size": cfg.batch_size, "seed": cfg.seed, "pad_id": tokenizer.pad_token_id,
         "dtype": cfg.dtype, "cpus_per_worker": pool.cpus, "torch_threads": pool.threads,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch, "shard_rows": shard_rows,
         "total_steps": math.ceil(cfg.epochs * steps_per_epoch),
         "max_steps": cfg.max_steps, "max_tokens": cfg.max_tokens,
         "max_examples": cfg.max_examples, "max_wall_s": cfg.max_wall_s,
         "checkpoint_every": cfg.checkpoint_every,
         "log_every": max(1, min(cfg.checkpoint_every, 10)),
-        "data_ref": ray.put(data), "on_step": on_step,
+        "on_step": on_step,
         "step_counter": ray.remote(num_cpus=0)(StepCounter).remote(),
     }
     storage_path, storage_fs = _run_storage(out, s3)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same split on every run: a resumed run is exact
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
         torch_config=TorchConfig(backend="nccl" if pool.gpus else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=pool.actors, use_gpu=pool.gpus > 0,
