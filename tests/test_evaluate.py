@@ -225,8 +225,13 @@ def test_base_row_equals_the_base_model_evaluated_alone(yn_runs):
     with_adapter, alone = yn_runs["adapter"], yn_runs["alone"]
     assert set(alone["runs"]) == {"base"}
     assert with_adapter["runs"]["base"] == alone["runs"]["base"]
-    assert [p["base"] for p in with_adapter["predictions"]] == \
-        [p["base"] for p in alone["predictions"]]
+    # the same answers and scores; the log-likelihoods to float precision: the adapter's model
+    # runs the base layers inside peft's wrappers, and on some CPUs (AVX2 here) BLAS then
+    # differs in the last bits (-10.8136816 vs -10.8136826)
+    for got, want in zip(with_adapter["predictions"], alone["predictions"], strict=True):
+        got, want = dict(got["base"]), dict(want["base"])
+        assert got.pop("logprobs") == pytest.approx(want.pop("logprobs"), abs=1e-5)
+        assert got == want
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import contextlib
 import math
 
 import numpy as np
+import pyarrow as pa
 
 from rebase_ray import progress
 from rebase_ray.config import EvaluateConfig, S3Config
@@ -89,8 +90,15 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
 
     runs = ([BASE] if base or not adapters else []) + list(adapters)
     init_ray()
-    pool = resolve_resources(cfg.resources, most=math.ceil(len(inputs) / cfg.batch_size))
-    ds = ray.data.from_items([{"idx": i, "input": x} for i, x in enumerate(inputs)])
+    batches = math.ceil(len(inputs) / cfg.batch_size)
+    pool = resolve_resources(cfg.resources, most=batches)
+    # one block per batch, `batch_size` consecutive inputs each: batches do not depend on what
+    # the cluster has free (Ray Data sizes `from_items` blocks from it), so neither do the
+    # scores, which padding with other rows can move in the last float bits
+    step = cfg.batch_size
+    ds = ray.data.from_arrow([pa.table({"idx": list(range(i, min(i + step, len(inputs)))),
+                                        "input": inputs[i:i + step]})
+                              for i in range(0, len(inputs), step)])
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model": model, "adapters": adapters, "runs": runs,
