@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 from rebase_ray.config import RayConfig, Resources
@@ -90,7 +91,7 @@ def resolve_resources(res: Resources, most: int | None = None, reserve: float = 
     not asked for again). `held`: CPUs the caller (an actor already started) holds itself."""
     import ray
 
-    free = ray.available_resources()
+    free = _settled_free()
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
                     default=1.0)
     chosen = plan(res, free.get("CPU", 0.0) + held, free.get("GPU", 0.0), node_cpus, most,
@@ -98,3 +99,23 @@ def resolve_resources(res: Resources, most: int | None = None, reserve: float = 
     log.info("resources: %s from %s free", chosen.summary(), {k: free.get(k, 0.0)
                                                               for k in ("CPU", "GPU")})
     return chosen
+
+
+def _settled_free(samples: int = 5, every_s: float = 0.2) -> dict[str, float]:
+    """`ray.available_resources()` once the tasks of a pass that just ended have given their
+    CPUs back: the view is updated asynchronously (a datastore build that resolved its
+    embedding actors right after its counting pass saw 1 of 2 CPUs free and ran on one core).
+    Sampled until every CPU is free or for `samples` × `every_s` seconds, keeping the most
+    free seen; what a long-lived actor (a Serve replica) holds is held in every sample."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    free = ray.available_resources()
+    for _ in range(samples):
+        if free.get("CPU", 0.0) >= total:
+            break
+        time.sleep(every_s)
+        now = ray.available_resources()
+        if now.get("CPU", 0.0) > free.get("CPU", 0.0):
+            free = now
+    return free
