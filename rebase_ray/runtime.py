@@ -91,6 +91,8 @@ def resolve_resources(res: Resources, most: int | None = None, reserve: float = 
     not asked for again). `held`: CPUs the caller (an actor already started) holds itself."""
     import ray
 
+    if None not in (res.actors, res.cpus, res.threads):  # fully configured: nothing to read
+        return Plan(res.actors, res.cpus, res.gpus, res.threads)
     free = _settled_free()
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
                     default=1.0)
