@@ -24,11 +24,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/rebase-ray demo
 
+# Two pytest workers, each with its own local Ray and S3 server, one test file at a time
+# (--dist loadfile keeps a module's fixtures in one worker): the tests mostly wait on process
+# start-ups, Ray and Serve, which keeps 2 cores only about 65% busy when they run one by one.
 test: $(STAMP)
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" -x -q
+	$(PY) -m pytest tests -m "not slow" -n 2 --dist loadfile -x -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rebase_ray tests benchmarks jobs

@@ -99,6 +99,8 @@ def run(cfg: PipelineConfig, only: list[str] | None = None, force: bool = False,
     todo = [s for s in STAGES if only is None or s in only]
     if {"index", "retrieve"} & set(todo):
         cfg.require_data()
+    if set(todo) - {"index"}:
+        cfg.require_task()
     init_ray(cfg.ray)
     r = Run(cfg)
     keys = r.keys()
@@ -220,8 +222,10 @@ def _partial_report(r: Run, stopped_at: str, problem: str) -> str:
             sections.append({"title": f"{stage} ({entry['wall_s']} s)",
                              "table": [{"figure": k, "value": json.dumps(v, default=str)[:300]}
                                        for k, v in brief(stage, entry["summary"]).items()]})
-    report = {"title": f"rebase-ray — {r.cfg.task.name} (stopped after {stopped_at})",
-              "task": r.cfg.task.model_dump(mode="json"), "sections": sections}
+    task = r.cfg.task  # None when only the index ran, with no task given
+    report = {"title": f"rebase-ray — {task.name if task else 'index'} (stopped after "
+                       f"{stopped_at})",
+              "task": task.model_dump(mode="json") if task else None, "sections": sections}
     return write_report(r.out("evaluate"), report, r.cfg.s3)[1]
 
 

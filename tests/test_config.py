@@ -16,6 +16,7 @@ from rebase_ray.config import (
     load_task,
     validate,
 )
+from rebase_ray.pipeline import run as run_pipeline
 
 
 def write(tmp_path, name, text):
@@ -129,6 +130,14 @@ def test_semantic_errors(tmp_path):
     no_data = validate({"task": "t.yaml"}, PipelineConfig, "pipeline.yaml")
     with pytest.raises(ConfigError, match="give `sources`"):
         no_data.require_data()
+    # nor without a task (`rebase-ray index --config` reads only `index`); the stages that
+    # need one refuse it, before Ray starts
+    no_task = load_pipeline(write(tmp_path, "index.yaml", "index: {shards: 3}\n"))
+    assert no_task.index.shards == 3 and no_task.task is None
+    with pytest.raises(ConfigError, match="give `task`"):
+        no_task.require_task()
+    with pytest.raises(ConfigError, match="give `task`"):
+        run_pipeline(no_task.model_copy(update={"datastore": "ds"}), only=["retrieve"])
     with pytest.raises(ConfigError, match=r"min_input_chars \(700\) is above"):
         validate({"transform": {"reply": {"min_input_chars": 700}}}, PipelineConfig,
                  "pipeline.yaml")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from rebase_ray.config import TaskConfig, TrainConfig
+from rebase_ray.config import Resources, TaskConfig, TrainConfig
 from rebase_ray.formats import EXPLAIN
 from rebase_ray.models import TINY, load_tokenizer
 from rebase_ray.storage import Storage
@@ -31,9 +31,10 @@ def examples_table() -> pa.Table:
         + [{"input": "", "output": "yes", "rationale": None, "domain": "yes"}])  # rejected
 
 
-def tiny(**kw) -> TrainConfig:
+def tiny(workers: int | None = None, threads: int | None = None, **kw) -> TrainConfig:
     base = {"model": TINY, "batch_size": 2, "learning_rate": 2e-2, "epochs": 100,
-            "cpus_per_worker": 0.5, "checkpoint_every": 4}
+            "resources": Resources(actors=workers, cpus=0.5, threads=threads),
+            "checkpoint_every": 4}
     return TrainConfig(**{**base, **kw})
 
 
@@ -98,7 +99,7 @@ def batches_seen(folder: Path) -> dict[tuple[int, int], list[int]]:
 
 # 2 workers: 16 sequences are 8 a worker, 4 steps an epoch at batch 2; no dropout, so that an
 # interrupted run can match an uninterrupted one step for step
-TWO_WORKERS = {"num_workers": 2, "max_steps": 12, "checkpoint_every": 3,
+TWO_WORKERS = {"workers": 2, "max_steps": 12, "checkpoint_every": 3,
                "lora": {"dropout": 0.0}}
 
 
@@ -198,7 +199,7 @@ def budget_runs(request, ray_cluster, tmp_path_factory) -> dict:
               if getattr(item, "originalname", None) == "test_each_budget_stops_training"}
 
     def run(budget: str, value: float) -> dict | Exception:
-        cfg = tiny(num_workers=1, max_steps=12, **{budget: value})
+        cfg = tiny(workers=1, max_steps=12, **{budget: value})
         try:
             return train_student(examples_table(), TASK, cfg,
                                  str(tmp_path_factory.mktemp(budget) / "run"))
@@ -223,7 +224,7 @@ def test_each_budget_stops_training(budget_runs, budget, value, check):
 @pytest.mark.slow
 def test_bfloat16_mixed_precision_and_threads(ray_cluster, tmp_path):
     """train.dtype bfloat16 (autocast, float32 weights) trains and saves a float32 adapter;
-    torch_threads sets the worker's threads."""
+    resources.threads sets the worker's threads."""
     import math
 
     from peft.utils import load_peft_weights
@@ -235,7 +236,7 @@ def test_bfloat16_mixed_precision_and_threads(ray_cluster, tmp_path):
 
         seen.write_text(str(torch.get_num_threads()))
 
-    cfg = tiny(max_steps=3, dtype="bfloat16", torch_threads=2)
+    cfg = tiny(max_steps=3, dtype="bfloat16", threads=2)
     summary = train_student(examples_table(), TASK, cfg, str(tmp_path / "run"),
                             on_step=record_threads)
     assert summary["steps"] == 3 and all(math.isfinite(v) for _, v in summary["loss_curve"])

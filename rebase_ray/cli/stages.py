@@ -8,7 +8,6 @@ import typer
 
 from rebase_ray.cli.app import app
 from rebase_ray.cli.running import route_logs, run_verb, stage_config
-from rebase_ray.config import ConfigError
 from rebase_ray.runtime import init_ray
 
 
@@ -204,8 +203,7 @@ def distill(
 
     def go() -> dict:
         pipe = load_pipeline(pipeline)
-        if isinstance(pipe.task, str):
-            raise ConfigError(f"{pipeline}: task {pipe.task!r} was not loaded")
+        task = pipe.require_task(pipeline)
         pool = examples or Storage.join(pipe.storage_root, "transform")
         dest = out or Storage.join(pipe.storage_root, "distill")
         route_logs(dest)
@@ -214,7 +212,7 @@ def distill(
         init_ray(pipe.ray)
         with (local_teacher(pipe.teacher) if url == "local"
               else contextlib.nullcontext(url)) as base_url:
-            return run_distill(pipe.task, pool, dest, pipe.distill, pipe.train, pipe.evaluate,
+            return run_distill(task, pool, dest, pipe.distill, pipe.train, pipe.evaluate,
                                teacher_url=base_url, api_key=key, s3=pipe.s3)
 
     run_verb(go, title=f"rebase-ray distill → {out or 'storage_root/distill'}", as_json=as_json)

@@ -111,7 +111,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     base = Path(str(path)).parent
     if isinstance(cfg.task, str):
         cfg.task = load_task(_relative_to(cfg.task, base))
-    elif cfg.task.eval is not None:
+    elif cfg.task is not None and cfg.task.eval is not None:
         cfg.task.eval.path = _relative_to(cfg.task.eval.path, base)
     if isinstance(cfg.sources, str):
         cfg.sources = load_sources(_relative_to(cfg.sources, base)).sources

@@ -31,9 +31,12 @@ class RayConfig(Strict):
 class IndexConfig(Strict):
     embedder: str = "bundled:minilm"
     backend: Literal["auto", "torch", "onnx"] = Field(
-        default="auto", description="how the embedder runs: onnx (ONNX Runtime, 1.6x faster on "
-        "a CPU), torch (sentence-transformers); auto: onnx on CPU actors, torch on GPU ones")
-    batch_size: int = how(256, gt=0)
+        default="auto", description="how the embedder runs: onnx (ONNX Runtime), torch "
+        "(sentence-transformers); auto: onnx on CPU actors, torch on GPU ones. The faster on a "
+        "CPU depends on the CPU (README, Datastore)")
+    batch_size: int = how(2048, gt=0, description="cells per embedding call: the actor sorts "
+                          "them by length, so larger batches pad less (2048 vs 256: 1.16x "
+                          "the cells/s, benchmarks/many_sources.py)")
     resources: Resources = how(Resources(), description="the embedding actors (gpus > 0: "
                                "they encode on CUDA); one CPU is left to the reading tasks")
     encode_batch_size: int = how(64, gt=0, description="sentence-transformers batch")
@@ -352,7 +355,9 @@ class PipelineConfig(Strict):
     sources: str | list[SourceConfig] | None = Field(
         default=None, description="a sources.yaml path or an inline list")
     datastore: str | None = Field(default=None, description="reuse an existing datastore URI")
-    task: str | TaskConfig
+    task: str | TaskConfig | None = Field(
+        default=None, description="a task.yaml path or an inline task: every stage but index "
+        "needs it")
     ray: RayConfig = RayConfig()
     index: IndexConfig = IndexConfig()
     retrieve: RetrieveConfig = RetrieveConfig()
@@ -361,6 +366,13 @@ class PipelineConfig(Strict):
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    def require_task(self, source: str = "pipeline.yaml") -> TaskConfig:
+        """The task, which every stage but index needs (`rebase-ray index --config` reads only
+        the `index` section)."""
+        if not isinstance(self.task, TaskConfig):
+            raise ConfigError(f"{source}: give `task` (a task.yaml path or an inline task)")
+        return self.task
 
     def require_data(self, source: str = "pipeline.yaml") -> None:
         """The index and retrieve stages need `sources` or an existing `datastore`; verbs

@@ -1,7 +1,8 @@
 """Sentence encoders behind one `encode(texts, batch_size)`: sentence-transformers on torch, or
 the same model exported to ONNX and run by ONNX Runtime (`index.backend: onnx`, the CPU
-default: 1.62x the cells/s of torch on 2 cores, minimum cosine 0.9999998 between the two
-vectors of a cell, benchmarks/embed_onnx.py).
+default; minimum cosine 0.9999998 between the two vectors of a cell). Which is faster depends on
+the CPU (benchmarks/embed_onnx.py, 2 cores: ONNX 1.62x and 1.07x the cells/s of torch on an
+AVX512-BF16 and an AVX2 machine, 0.76x on an AVX512-BF16 machine with AMX).
 
 The export is our own (`torch.onnx.export`, dynamic batch and sequence axes): the
 sentence-transformers `backend="onnx"` needs optimum-onnx, which pins transformers<4.58.
