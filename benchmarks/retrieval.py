@@ -107,6 +107,9 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
     st.write_json(st.join(str(out), "manifest.json"), {
         "format": FORMAT_VERSION, "embedder": "bundled:minilm", "dim": int(vectors.shape[1]),
         "metric": "ip", "config_hash": config_hash(cells, shards, factory, sigma),
+        # the default index settings: queries are embedded as a default build's would be
+        # (index.backend auto: ONNX Runtime on a CPU)
+        "index_config": IndexConfig().model_dump(mode="json"),
         "shards": entries, "files": {"sources.parquet": {"sha256": sha, "bytes": st.size(uri)}},
         "sources": {}, "note": "benchmark scale vectors, written by benchmarks/retrieval.py"})
     return str(out)
