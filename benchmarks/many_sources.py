@@ -86,15 +86,19 @@ def cli(*args: str) -> tuple[float, dict]:
     return wall, json.loads(proc.stdout)
 
 
-def plain_encode(store: Path, threads: int, backend: str) -> dict:
-    """`encode` of the datastore's own cells, one process, every core: sentence-transformers
-    (torch) or our ONNX encoder."""
+def built_cells(store: Path) -> list[str]:
+    """The values of the datastore's cells, read back from its shards."""
+    return [v for f in sorted(store.glob("shards/*/cells.parquet"))
+            for v in pq.read_table(f, columns=["value"])["value"].to_pylist()]
+
+
+def plain_encode(texts: list[str], threads: int, backend: str) -> dict:
+    """`encode` of `texts` in this process with every core: sentence-transformers (torch) or
+    our ONNX encoder."""
     import torch
 
     from rebase_ray.datastore.encoders import load_encoder
 
-    texts = [v for f in sorted(store.glob("shards/*/cells.parquet"))
-             for v in pq.read_table(f, columns=["value"])["value"].to_pylist()]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     encoder = load_encoder("bundled:minilm", "cpu", backend, threads)
@@ -133,8 +137,9 @@ def main() -> None:
                            "backend": args.backend, "resources": summary["resources"]}
         print(f"build ({args.backend}): {summary['cells']} cells in {wall:.0f} s "
               f"({result['build']['cells_per_s']} cells/s)", flush=True)
+        texts = built_cells(store)
         for backend in ("torch", "onnx"):
-            plain = result[f"plain_encode_{backend}"] = plain_encode(store, threads, backend)
+            plain = result[f"plain_encode_{backend}"] = plain_encode(texts, threads, backend)
             ratio = result[f"build_vs_plain_encode_{backend}"] = round(
                 result["build"]["cells_per_s"] / plain["cells_per_s"], 2)
             print(f"plain encode ({backend}): {plain['cells_per_s']} cells/s; build / plain "
