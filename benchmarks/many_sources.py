@@ -134,8 +134,9 @@ def main() -> None:
         result["build"] = {"cells": summary["cells"], "wall_s": round(wall, 1),
                            "cells_per_s": round(summary["cells"] / wall, 1),
                            "stage_wall_s": summary["wall_s"], "shards": summary["shards"],
-                           "backend": args.backend, "resources": summary["resources"]}
-        print(f"build ({args.backend}): {summary['cells']} cells in {wall:.0f} s "
+                           "backend": args.backend, "resolved_backend": summary.get("backend"),
+                           "resources": summary["resources"]}
+        print(f"build ({args.backend}, ran {summary.get('backend')}): {summary['cells']} cells in {wall:.0f} s "
               f"({result['build']['cells_per_s']} cells/s)", flush=True)
         texts = built_cells(store)
         for backend in ("torch", "onnx"):

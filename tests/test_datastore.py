@@ -27,6 +27,7 @@ from rebase_ray.cli import app
 from rebase_ray.config import Resources, SourceConfig
 from rebase_ray.datastore import ChecksumError, Datastore, build_datastore, stage
 from rebase_ray.datastore.embed import Embedder, column_vectors, embed_dataset, embed_plan
+from rebase_ray.datastore.encoders import cpu_backend
 from rebase_ray.datastore.index import with_datasets
 from rebase_ray.datastore.stage import staging_key
 from rebase_ray.storage import StorageError, open_storage
@@ -89,6 +90,9 @@ def test_build_counts_and_layout(built):
     # the pools' resolved resources are stated: at most one build task per shard
     assert summary["resources"]["actors"] >= 1 and summary["resources"]["threads_per_actor"] >= 1
     assert 1 <= summary["build_resources"]["actors"] <= 2
+    # and the backend that auto chose for this machine at the pool's thread count
+    threads = summary["resources"]["threads_per_actor"]
+    assert summary["backend"] == cpu_backend(CFG.embedder, threads)["backend"]
     ds = Datastore.open(out)
     m = ds.manifest
     assert (m["embedder"], m["dim"], m["metric"]) == ("bundled:minilm", 384, "ip")

@@ -1,8 +1,9 @@
 """The embedder's two backends on the bundled MiniLM: ONNX Runtime (our own export, cached)
 gives the vectors of sentence-transformers' torch `encode`, a cached export starts without the
-torch model, and `auto` picks ONNX on a CPU."""
+torch model, and `auto` keeps the faster of the two on this CPU, timed once."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from rebase_ray.datastore.encoders import (
     OnnxEncoder,
     TorchEncoder,
+    cpu_backend,
     load_encoder,
     onnx_model,
     resolve_backend,
@@ -39,11 +41,23 @@ def test_onnx_vectors_match_torch_and_the_export_is_made_once():
     assert onnx.encode([], batch_size=4).shape[0] == 0
 
 
-def test_auto_is_onnx_on_a_cpu_and_torch_on_a_gpu():
-    assert resolve_backend("auto", "cpu") == "onnx"
-    assert resolve_backend("auto", "cuda") == "torch"
-    assert resolve_backend("torch", "cpu") == "torch"
-    assert isinstance(load_encoder(MINILM, "cpu", "auto"), OnnxEncoder)
+def test_auto_times_both_once_per_machine_and_keeps_the_faster(tmp_path, monkeypatch):
+    export = onnx_model(MINILM).parent  # copied into an empty cache: only the timing runs
+    shutil.copytree(export, tmp_path / "onnx" / export.name)
+    monkeypatch.setenv("REBASE_RAY_CACHE", str(tmp_path))
+    choice = cpu_backend(MINILM, threads=1)
+    rates = choice["cells_per_s"]
+    assert set(rates) == {"torch", "onnx"} and min(rates.values()) > 0
+    assert choice["backend"] == max(rates, key=rates.get) and choice["threads"] == 1
+    assert resolve_backend("auto", "cpu", MINILM, threads=1) == choice["backend"]
+    (record,) = (tmp_path / "backends").glob("*.json")
+    for backend, encoder in (("torch", TorchEncoder), ("onnx", OnnxEncoder)):
+        record.write_text(json.dumps({**choice, "backend": backend}))  # read, not timed again
+        assert isinstance(load_encoder(MINILM, "cpu", "auto", threads=1), encoder)
+    assert resolve_backend("auto", "cpu", MINILM, threads=2) in {"torch", "onnx"}
+    assert len(list((tmp_path / "backends").glob("*.json"))) == 2  # a choice per thread count
+    assert resolve_backend("auto", "cuda", MINILM) == "torch"
+    assert resolve_backend("onnx", "cpu", MINILM) == "onnx"
     with pytest.raises(ValueError, match="runs on the CPU"):
         load_encoder(MINILM, "cuda", "onnx")
 

@@ -32,8 +32,8 @@ class IndexConfig(Strict):
     embedder: str = "bundled:minilm"
     backend: Literal["auto", "torch", "onnx"] = Field(
         default="auto", description="how the embedder runs: onnx (ONNX Runtime), torch "
-        "(sentence-transformers); auto: onnx on CPU actors, torch on GPU ones. The faster on a "
-        "CPU depends on the CPU (README, Datastore)")
+        "(sentence-transformers); auto: torch on GPU actors and, on CPU ones, the faster of the "
+        "two on this CPU, timed once per machine and cached (README, Datastore)")
     batch_size: int = how(2048, gt=0, description="cells per embedding call: the actor sorts "
                           "them by length, so larger batches pad less (2048 vs 256: 1.16x "
                           "the cells/s, benchmarks/many_sources.py)")

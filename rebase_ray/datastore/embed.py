@@ -1,8 +1,9 @@
 """Embedding in Ray Data: `map_batches` over an actor pool, the model loaded once per actor.
 
 Batch size, the pool (`IndexConfig.resources`, resolved when the build starts) and the backend
-(`encoders.py`: ONNX Runtime on a CPU, torch on CUDA by default) come from `IndexConfig`; an
-actor with a GPU share encodes on CUDA. Vectors are L2-normalised float32, so inner product
+(`encoders.py`; `auto` is resolved by the build before the pool starts: on a CPU the faster of
+ONNX Runtime and torch on that machine, torch on CUDA) come from `IndexConfig`; an actor with a
+GPU share encodes on CUDA. Vectors are L2-normalised float32, so inner product
 is cosine similarity. Actors that die are restarted by Ray Data and their batches retried.
 """
 

@@ -1,8 +1,12 @@
 """Sentence encoders behind one `encode(texts, batch_size)`: sentence-transformers on torch, or
-the same model exported to ONNX and run by ONNX Runtime (`index.backend: onnx`, the CPU
-default; minimum cosine 0.9999998 between the two vectors of a cell). Which is faster depends on
-the CPU (benchmarks/embed_onnx.py, 2 cores: ONNX 1.62x and 1.07x the cells/s of torch on an
-AVX512-BF16 and an AVX2 machine, 0.76x on an AVX512-BF16 machine with AMX).
+the same model exported to ONNX and run by ONNX Runtime (`index.backend: onnx`; minimum cosine
+0.9999998 between the two vectors of a cell).
+
+Which is faster depends on the CPU (benchmarks/embed_onnx.py, 2 cores: ONNX 1.62x and 1.07x the
+cells/s of torch on an AVX512-BF16 and an AVX2 machine, 0.76x on an AVX512-BF16 machine with
+AMX), so `auto` on a CPU times both once per machine, model and thread count on the same sample
+(`cpu_backend`) and keeps the faster; the choice is recorded in the model cache. On CUDA `auto`
+is torch.
 
 The export is our own (`torch.onnx.export`, dynamic batch and sequence axes): the
 sentence-transformers `backend="onnx"` needs optimum-onnx, which pins transformers<4.58.
@@ -17,6 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import platform
+import random
+import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -27,13 +36,23 @@ import numpy as np
 Backend = Literal["auto", "torch", "onnx"]
 ONNX_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 OPSET = 17
+SAMPLE_CELLS = 256  # texts timed per backend and round by `cpu_backend`
+SAMPLE_WORDS = (6, 12, 24, 48, 96, 160)  # their lengths, in words, taken in turn
+SAMPLE_VOCAB = ("the of and to in is was for that on with as by at from his an which are this "
+                "be or had not first new one their has after were two she other been its into "
+                "who more city year team state school during people world music game film time "
+                "between under three national river system series company government season "
+                "church called second early family university found album known war")
+
+log = logging.getLogger(__name__)
 
 
-def resolve_backend(backend: Backend, device: str) -> str:
-    """auto: ONNX Runtime on a CPU, torch on CUDA."""
-    if backend == "auto":
-        return "onnx" if device == "cpu" else "torch"
-    return backend
+def resolve_backend(backend: Backend, device: str, ref: str, threads: int = 0) -> str:
+    """`backend` itself unless it is auto; auto: torch on CUDA, and on a CPU the one that
+    encodes `ref` faster here at `threads` threads (`cpu_backend`)."""
+    if backend != "auto":
+        return backend
+    return cpu_backend(ref, threads)["backend"] if device == "cpu" else "torch"
 
 
 class TorchEncoder:
@@ -88,8 +107,9 @@ class OnnxEncoder:
 
 def load_encoder(ref: str, device: str, backend: Backend = "auto", threads: int = 0):
     """The encoder of `ref` for `device` (cpu or cuda) and `backend`; `threads` is ONNX
-    Runtime's (0: its default, every core; torch's are set by the caller)."""
-    if resolve_backend(backend, device) == "onnx":
+    Runtime's (0: its default, every core; torch's are set by the caller) and the thread count
+    that auto's choice is made for."""
+    if resolve_backend(backend, device, ref, threads) == "onnx":
         if device != "cpu":
             raise ValueError("index.backend onnx runs on the CPU; use torch (or auto) on a GPU")
         return OnnxEncoder(ref, threads)
@@ -210,3 +230,84 @@ def _keyword_inputs(model, names: list[str]):
             return self.model(**dict(zip(names, inputs))).last_hidden_state
 
     return KeywordInputs()
+
+
+def cpu_backend(ref: str, threads: int = 0) -> dict:
+    """Which backend encodes `ref` faster on this CPU at `threads` threads (0: each library's
+    default): `{"backend", "cells_per_s": {"torch", "onnx"}, "threads", "cpu"}`. Both are timed
+    once on the same sample, in turn, best of two rounds each, then the record is read from
+    the model cache; it is keyed by the model, the CPU's name and flags, the thread count and
+    the library versions, so another machine or an upgrade times again. A file lock keeps
+    concurrent actors from timing at once."""
+    from filelock import FileLock
+
+    from rebase_ray.models import cache_dir, resolve
+
+    cpu = _cpu_signature()
+    key = hashlib.sha256("\x1f".join([
+        resolve(ref), cpu, str(threads), version("torch"), version("onnxruntime"),
+        version("sentence-transformers"), str(OPSET)]).encode()).hexdigest()[:16]
+    record = cache_dir() / "backends" / f"{key}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(record) + ".lock"):
+        if record.exists():  # another actor timed it meanwhile
+            return json.loads(record.read_text())
+        rates = _time_backends(ref, threads)
+        choice = {"backend": max(rates, key=rates.get), "cells_per_s": rates,
+                  "threads": threads, "cpu": cpu.split("\x1f")[0]}
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(choice))
+        tmp.replace(record)
+    log.info("index.backend auto: %s on this CPU for %s at %s threads (cells/s %s)",
+             choice["backend"], ref, threads or "default", rates)
+    return choice
+
+
+def _time_backends(ref: str, threads: int) -> dict[str, float]:
+    """cells/s of each backend on `sample_texts()`, batches of 64, best of two rounds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        torch_encoder = TorchEncoder(ref, "cpu")
+        onnx_model(ref, torch_encoder.model)  # the export, from the model loaded already
+        encoders = {"torch": torch_encoder, "onnx": OnnxEncoder(ref, threads)}
+        texts = sample_texts()
+        best = dict.fromkeys(encoders, 0.0)
+        for encoder in encoders.values():  # warm-up: first calls allocate
+            encoder.encode(texts[:16], 64)
+        for _ in range(2):
+            for name, encoder in encoders.items():
+                start = time.perf_counter()
+                encoder.encode(texts, 64)
+                best[name] = max(best[name], len(texts) / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(before)
+    return {name: round(rate, 1) for name, rate in best.items()}
+
+
+def sample_texts() -> list[str]:
+    """`SAMPLE_CELLS` English-like texts of `SAMPLE_WORDS` lengths in turn, the same on every
+    machine (a datastore's cells mix short and long values)."""
+    words = SAMPLE_VOCAB.split()
+    rng = random.Random(0)
+    return [" ".join(rng.choices(words, k=SAMPLE_WORDS[i % len(SAMPLE_WORDS)])) + "."
+            for i in range(SAMPLE_CELLS)]
+
+
+def _cpu_signature() -> str:
+    """The CPU's model name and flags (/proc/cpuinfo, else what `platform` knows) and the
+    cores this process may use."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            field, _, value = line.partition(":")
+            info.setdefault(field.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}\x1f{info.get('flags', '')}\x1f{cores}"

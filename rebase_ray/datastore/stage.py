@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from rebase_ray.config import IndexConfig, S3Config, SourceConfig, config_hash
 from rebase_ray.datastore.embed import VECTOR, column_vectors, embed_dataset, embed_plan
+from rebase_ray.datastore.encoders import resolve_backend
 from rebase_ray.datastore.shards import build_shards, read_partition, shard_name
 from rebase_ray.datastore.store import FORMAT_VERSION
 from rebase_ray.runtime import init_ray
@@ -138,7 +139,11 @@ def run(sources: list[SourceConfig], out: str, cfg: IndexConfig,
             to_embed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
             pool = embed_plan(cfg, max(missing, 0) + len(undescribed))
             work["resources"] = pool.summary()
-            embed_dataset(to_embed, cfg, pool).write_parquet(
+            # auto's choice is made here, before the pipeline runs: timed on a quiet machine
+            work["backend"] = resolve_backend(cfg.backend, "cuda" if pool.gpus else "cpu",
+                                              cfg.embedder, pool.threads)
+            embed_dataset(to_embed, cfg.model_copy(update={"backend": work["backend"]}),
+                          pool).write_parquet(
                 st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
         new = _staged_pieces(st, staging, set(todo_ids), prior=staged)
         desc = read_partition(st, staging, DESCRIPTIONS)
