@@ -108,7 +108,7 @@ def bench_datastore(cells: int, shards: int, factory: str, nprobe: int, sigma: f
         "format": FORMAT_VERSION, "embedder": "bundled:minilm", "dim": int(vectors.shape[1]),
         "metric": "ip", "config_hash": config_hash(cells, shards, factory, sigma),
         # the default index settings: queries are embedded as a default build's would be
-        # (index.backend auto: ONNX Runtime on a CPU)
+        # (index.backend auto: the faster of torch and ONNX Runtime on this CPU)
         "index_config": IndexConfig().model_dump(mode="json"),
         "shards": entries, "files": {"sources.parquet": {"sha256": sha, "bytes": st.size(uri)}},
         "sources": {}, "note": "benchmark scale vectors, written by benchmarks/retrieval.py"})

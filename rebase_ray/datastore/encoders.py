@@ -36,7 +36,7 @@ import numpy as np
 Backend = Literal["auto", "torch", "onnx"]
 ONNX_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 OPSET = 17
-SAMPLE_CELLS = 256  # texts timed per backend and round by `cpu_backend`
+SAMPLE_CELLS = 128  # texts timed per backend and round by `cpu_backend`
 SAMPLE_WORDS = (6, 12, 24, 48, 96, 160)  # their lengths, in words, taken in turn
 SAMPLE_VOCAB = ("the of and to in is was for that on with as by at from his an which are this "
                 "be or had not first new one their has after were two she other been its into "
@@ -236,18 +236,11 @@ def cpu_backend(ref: str, threads: int = 0) -> dict:
     """Which backend encodes `ref` faster on this CPU at `threads` threads (0: each library's
     default): `{"backend", "cells_per_s": {"torch", "onnx"}, "threads", "cpu"}`. Both are timed
     once on the same sample, in turn, best of two rounds each, then the record is read from
-    the model cache; it is keyed by the model, the CPU's name and flags, the thread count and
-    the library versions, so another machine or an upgrade times again. A file lock keeps
-    concurrent actors from timing at once."""
+    the model cache (`backend_record`). A file lock keeps concurrent actors from timing at
+    once."""
     from filelock import FileLock
 
-    from rebase_ray.models import cache_dir, resolve
-
-    cpu = _cpu_signature()
-    key = hashlib.sha256("\x1f".join([
-        resolve(ref), cpu, str(threads), version("torch"), version("onnxruntime"),
-        version("sentence-transformers"), str(OPSET)]).encode()).hexdigest()[:16]
-    record = cache_dir() / "backends" / f"{key}.json"
+    record = backend_record(ref, threads)
     if record.exists():
         return json.loads(record.read_text())
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -256,13 +249,24 @@ def cpu_backend(ref: str, threads: int = 0) -> dict:
             return json.loads(record.read_text())
         rates = _time_backends(ref, threads)
         choice = {"backend": max(rates, key=rates.get), "cells_per_s": rates,
-                  "threads": threads, "cpu": cpu.split("\x1f")[0]}
+                  "threads": threads, "cpu": _cpu_signature().split("\x1f")[0]}
         tmp = record.with_suffix(".tmp")
         tmp.write_text(json.dumps(choice))
         tmp.replace(record)
     log.info("index.backend auto: %s on this CPU for %s at %s threads (cells/s %s)",
              choice["backend"], ref, threads or "default", rates)
     return choice
+
+
+def backend_record(ref: str, threads: int) -> Path:
+    """Where `cpu_backend` keeps its choice: keyed by the model, the CPU's name and flags, the
+    thread count and the library versions, so another machine or an upgrade times again."""
+    from rebase_ray.models import cache_dir, resolve
+
+    key = hashlib.sha256("\x1f".join([
+        resolve(ref), _cpu_signature(), str(threads), version("torch"), version("onnxruntime"),
+        version("sentence-transformers"), str(OPSET)]).encode()).hexdigest()[:16]
+    return cache_dir() / "backends" / f"{key}.json"
 
 
 def _time_backends(ref: str, threads: int) -> dict[str, float]:
