@@ -136,7 +136,8 @@ def main() -> None:
                            "stage_wall_s": summary["wall_s"], "shards": summary["shards"],
                            "backend": args.backend, "resolved_backend": summary.get("backend"),
                            "resources": summary["resources"]}
-        print(f"build ({args.backend}, ran {summary.get('backend')}): {summary['cells']} cells in {wall:.0f} s "
+        print(f"build ({args.backend}, ran {summary.get('backend')}): {summary['cells']} cells "
+              f"in {wall:.0f} s "
               f"({result['build']['cells_per_s']} cells/s)", flush=True)
         texts = built_cells(store)
         for backend in ("torch", "onnx"):

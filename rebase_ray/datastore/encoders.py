@@ -261,11 +261,11 @@ def cpu_backend(ref: str, threads: int = 0) -> dict:
 def backend_record(ref: str, threads: int) -> Path:
     """Where `cpu_backend` keeps its choice: keyed by the model, the CPU's name and flags, the
     thread count and the library versions, so another machine or an upgrade times again."""
+    from rebase_ray.config import config_hash
     from rebase_ray.models import cache_dir, resolve
 
-    key = hashlib.sha256("\x1f".join([
-        resolve(ref), _cpu_signature(), str(threads), version("torch"), version("onnxruntime"),
-        version("sentence-transformers"), str(OPSET)]).encode()).hexdigest()[:16]
+    key = config_hash(resolve(ref), _cpu_signature(), threads, version("torch"),
+                      version("onnxruntime"), version("sentence-transformers"), OPSET)
     return cache_dir() / "backends" / f"{key}.json"
 
 
