@@ -27,11 +27,12 @@ demo: $(STAMP)
 # Two pytest workers, each with its own local Ray and S3 server, one test file at a time
 # (--dist loadfile keeps a module's fixtures in one worker): the tests mostly wait on process
 # start-ups, Ray and Serve, which keeps 2 cores only about 65% busy when they run one by one.
+# The files go out longest first (tests/conftest.py, LONGEST_FIRST).
 test: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" -n 2 --dist loadfile -x -q
+	$(PY) -m pytest tests -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder -x -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rebase_ray tests benchmarks jobs

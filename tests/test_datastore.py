@@ -193,8 +193,7 @@ class Slow(Embedder):
         time.sleep(0.5)
         return super().__call__(batch)
 
-ray.init(address=sys.argv[1], log_to_driver=False,
-         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+ray.init(address=sys.argv[1], log_to_driver=False)  # the workers have the session's environment
 stage.embed_dataset = lambda ds, cfg, pool: embed_dataset(ds, cfg, pool, Slow)
 stage.run([SourceConfig(**s) for s in json.loads(sys.argv[2])], sys.argv[3],
                       IndexConfig.model_validate_json(sys.argv[4]))
