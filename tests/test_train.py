@@ -16,6 +16,7 @@ from rebase_ray.models import TINY, load_tokenizer
 from rebase_ray.storage import Storage
 from rebase_ray.train import train_student
 from rebase_ray.train.data import IGNORE, collate, encode
+from rebase_ray.train.stage import HEALTH_CHECK_S
 
 WORDS = [("cat", "yes"), ("dog", "yes"), ("table", "no"), ("car", "no"), ("cow", "yes"),
          ("rock", "no"), ("fish", "yes"), ("chair", "no")]
@@ -82,8 +83,9 @@ def recorder(folder: Path, kill_after: int | None = None):
         if step == kill_after and rank == 1 and not marker.exists():
             marker.write_text("x")
             # the controller registers reported checkpoints when it polls the workers, every
-            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default; 0.25 s here: conftest)
-            poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: the driver's, HEALTH_CHECK_S unless set there
+            # (this worker's environment, inherited from the raylet, need not have it)
+            poll_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S))
             time.sleep(max(1.0, 1.5 * poll_s))
             os._exit(1)
 
