@@ -29,9 +29,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # durations, one worker idled 57 and 119 s at the end, against none longest first). Longest
 # first, from the seconds of each file in a whole-suite run (--durations=0); the files not
 # named follow in their usual order.
-LONGEST_FIRST = ["test_distill.py", "test_pipeline.py", "test_cli_console.py", "test_train.py",
-                 "test_demo.py", "test_teacher_serve.py", "test_datastore.py",
-                 "test_retrieve.py", "test_transform.py", "test_encoders.py",
+LONGEST_FIRST = ["test_distill.py", "test_cli_console.py", "test_train.py", "test_demo.py",
+                 "test_teacher_serve.py", "test_datastore.py", "test_retrieve.py",
+                 "test_pipeline.py", "test_transform.py", "test_encoders.py",
                  "test_evaluate.py", "test_models.py", "test_teacher.py", "test_cli.py"]
 
 

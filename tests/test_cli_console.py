@@ -1,17 +1,20 @@
 """The console a person reads: `--json` prints exactly one JSON document on stdout for every
-stage verb (the real CLI, in a subprocess, on the tiny project of test_pipeline), progress on
-stderr (bars on a terminal, one line per task start and end otherwise), compact summary
-tables, and Ray's own logs in a file, not on the console."""
+stage verb (the real CLI, in a subprocess, on the tiny project of test_pipeline, whose run is
+killed after retrieval and resumed: the pipeline end to end), progress on stderr (bars on a
+terminal, one line per task start and end otherwise), compact summary tables, and Ray's own
+logs in a file, not on the console."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import yaml
@@ -21,6 +24,7 @@ from test_pipeline import replay, write_project
 
 from rebase_ray import progress
 from rebase_ray.cli import ConsoleProgress, render
+from rebase_ray.logs import log_path
 
 
 def test_progress_sink_off_a_terminal_prints_one_line_per_task_start_and_end():
@@ -133,52 +137,114 @@ def json_stdout(res: subprocess.CompletedProcess) -> dict:
 
 
 @pytest.mark.slow
-def test_every_stage_verb_prints_only_json_with_json(ray_cluster, tmp_path):
-    """`run --json` builds the tiny project's artifacts; index, retrieve, transform and
-    distill then resume on them (their outputs are complete), train and eval run for real.
-    The CLI processes join the session's Ray (RAY_ADDRESS) instead of starting their own;
+def test_killed_run_resumes_and_every_stage_verb_prints_only_json(ray_cluster, s3_bucket,
+                                                                   tmp_path):
+    """The whole pipeline through the real CLI, its artifacts on the S3 server (every stage
+    reads and writes there: the datastore, the shard actors' retrieval, transform, distill, the
+    baselines, Ray Train's checkpoints, the report). `run` is killed after retrieval and
+    `run --json` resumes from transform; on its artifacts index, retrieve, transform and
+    distill then resume (their outputs are complete), train and eval run for real, each
+    printing one JSON document. The CLI processes join the session's Ray (RAY_ADDRESS): the
+    kill ends the run's process group, and Ray then ends the job of the killed driver.
     distill's resume (it reads the run's artifacts, writes its own folder) runs beside train,
     and the final `run` beside eval (which writes only its own folder)."""
+    from rebase_ray.storage import Storage
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    art = tmp_path / "artifacts"
+    root = f"{s3_bucket}/artifacts"
+    st = Storage.for_uri(root)
+    manifest = f"{root}/run.json"
     with ReplayTeacher(replay) as teacher:
-        pipeline = write_project(tmp_path, teacher_url=teacher.url)
+        pipeline = write_project(tmp_path, teacher_url=teacher.url,
+                                 baselines=("fewshot", "synthetic"), storage_root=root)
         spec = yaml.safe_load(pipeline.read_text())
         (tmp_path / "sources.yaml").write_text(yaml.safe_dump({"sources": spec["sources"]}))
         (tmp_path / "task.yaml").write_text(yaml.safe_dump(spec["task"]))
         task = str(tmp_path / "task.yaml")
 
+        killed = subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", "run",
+                                   str(pipeline)], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline:
+                if st.exists(manifest) and "retrieve" in st.read_json(manifest)["stages"]:
+                    break
+                assert killed.poll() is None, "the run ended before retrieval finished"
+                time.sleep(0.2)
+            else:
+                pytest.fail("retrieval did not finish in time")
+        finally:
+            os.killpg(killed.pid, signal.SIGKILL)  # the run and every process it started
+            killed.wait()
+        assert set(st.read_json(manifest)["stages"]) == {"index", "retrieve"}
+        calls_before = len(teacher.chat_requests())
+
         res = cli("run", str(pipeline), "--json", env=env)
         summary = json_stdout(res)
-        assert {s["status"] for s in summary["stages"]} <= {"done", "off"}
-        log = art / "logs" / "rebase-ray.log"
-        assert f"logs: {log}" in res.stderr
-        assert "Connected to Ray cluster" in log.read_text()  # ray.init's lines: in the file
+        status = {row["stage"]: row["status"] for row in summary["stages"]}
+        assert status == {"index": "skipped (up to date)", "retrieve": "skipped (up to date)",
+                          "transform": "done", "distill": "done", "baselines": "done",
+                          "evaluate": "done"}
+        assert len(teacher.chat_requests()) > calls_before
+        # Ray's own lines in the log file (not local here: the fallback), not on the console
+        assert f"logs: {log_path(root)}" in res.stderr
         assert "Connected to Ray cluster" not in res.stderr and "INFO" not in res.stderr
         stderr = res.stderr.splitlines()
         assert "transform: rows: started (8 to do)" in stderr  # no tty: start and end lines
         assert any(line.startswith("transform: rows: 8/8 (") for line in stderr)
         assert any(line.startswith("train: steps: 2/2 (") for line in stderr)
         assert "\r" not in res.stderr
+        assert summary["report"] == f"{root}/evaluate/report.html" and st.exists(
+            summary["report"])
+        # base, both baselines and the distilled student, side by side per domain
+        assert [r["domain"] for r in summary["comparison"]] == [
+            "business", "sport", "(macro)", "(micro)"]
+        assert set(summary["comparison"][0]) == {"metric", "domain", "base", "fewshot",
+                                                 "synthetic", "rebase-ray"}
+        report = st.read_json(f"{root}/evaluate/report.json")
+        assert list(report["evaluation"]["runs"]) == ["base", "fewshot", "synthetic", "trained"]
+        # each baseline trained on what it claims
+        stages = st.read_json(manifest)["stages"]
+        made = {b["baseline"]: b for b in stages["baselines"]["summary"]["baselines"]}
+        assert made["fewshot"]["examples"] == 1  # the task's one few-shot example
+        synth = st.read_json(f"{root}/baselines/synthetic/stats.json")
+        transformed = stages["transform"]["summary"]
+        assert made["synthetic"]["prompts"] == transformed["counts"]["retrieved"] == 8
+        assert made["synthetic"]["request_budget"] == (
+            transformed["teacher"]["requests_total"] + stages["distill"]["summary"]["calls"])
+        assert made["synthetic"]["requests"] <= made["synthetic"]["request_budget"]
+        assert made["synthetic"]["examples"] == synth["counts"]["kept"] >= 1
+        for name in ("fewshot", "synthetic"):
+            trained = st.read_json(f"{root}/baselines/{name}/train/train_summary.json")
+            assert made[name]["adapter"] == trained["adapter"]
+            assert made[name]["adapter"].startswith(f"{root}/baselines/{name}/train/")
+            assert made[name]["train_steps"] == trained["steps"] >= 1  # max_steps 2, or 1 epoch
+        assert st.ls(f"{root}/distill/stage-1/train/checkpoints", "checkpoint_*")
+        hits = [r for r in teacher.chat_requests() if "<record>" not in r["messages"][-1]
+                ["content"] and "Write ONE new example of the task above" in r["messages"][-1]
+                ["content"]]
+        assert len(hits) == 8  # one instruction-only prompt per retrieved row, no record
 
-        datastore = str(art / "datastore")
+        datastore = f"{root}/datastore"
         index = json_stdout(cli("index", str(tmp_path / "sources.yaml"), "--out", datastore,
                                 "--config", str(pipeline), "--json", env=env))
         assert index["shards"]
         json_stdout(cli("retrieve", task, "--datastore", datastore, "--out",
-                        str(art / "retrieve"), "--config", str(pipeline), "--json", env=env))
+                        f"{root}/retrieve", "--config", str(pipeline), "--json", env=env))
         transformed = json_stdout(cli(
-            "transform", task, "--hits", str(art / "retrieve"), "--teacher", teacher.url,
-            "--out", str(art / "transform"), "--config", str(pipeline), "--json", env=env))
+            "transform", task, "--hits", f"{root}/retrieve", "--teacher", teacher.url,
+            "--out", f"{root}/transform", "--config", str(pipeline), "--json", env=env))
         assert transformed["processed_this_run"] == 0
         distilling = cli_start("distill", str(pipeline), "--teacher", teacher.url, "--json",
                                env=env)
-        trained = json_stdout(cli("train", str(art / "transform"), "--task", task, "--out",
+        trained = json_stdout(cli("train", f"{root}/transform", "--task", task, "--out",
                                   str(tmp_path / "train"), "--config", str(pipeline),
                                   "--max-steps", "1", "--json", env=env))
         assert trained["steps"] == 1
-        assert (tmp_path / "train" / "logs" / "rebase-ray.log").exists()
+        log = tmp_path / "train" / "logs" / "rebase-ray.log"  # a local --out: its own log
+        assert "Connected to Ray cluster" in log.read_text()  # ray.init's lines: in the file
         evaluating = cli_start("eval", task, "--adapter", trained["adapter"], "--config",
                                str(pipeline), "--out", str(tmp_path / "eval"), "--json", env=env)
         json_stdout(cli_end(distilling))
@@ -189,7 +255,7 @@ def test_every_stage_verb_prints_only_json_with_json(ray_cluster, tmp_path):
     # train rerun on the same --out: the same command finds its run finished and trains
     # nothing (the summary is the checkpoint's, its train_s to the digit); a larger step
     # budget resumes from the checkpoint at step 1 instead of starting over
-    train = ["train", str(art / "transform"), "--task", task, "--out", str(tmp_path / "train"),
+    train = ["train", f"{root}/transform", "--task", task, "--out", str(tmp_path / "train"),
              "--config", str(pipeline), "--json"]
     same = json_stdout(cli(*train, "--max-steps", "1", env=env))
     assert (same["steps"], same["restarts"]) == (1, 0)
@@ -198,5 +264,5 @@ def test_every_stage_verb_prints_only_json_with_json(ray_cluster, tmp_path):
     assert (longer["steps"], longer["restarts"]) == (2, 1)
     assert longer["loss_curve"][0] == trained["loss_curve"][0]
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "skipped (up to date)" in again.stdout
+    assert again.stdout.count("skipped (up to date)") == 6, again.stdout  # every stage
     assert len((again.stdout + again.stderr).splitlines()) < 150

@@ -1,5 +1,7 @@
-"""End to end: the resumable pipeline run (killed after retrieval, resumed from transform),
-and Ray Jobs submitted to a real local Ray head started by the test."""
+"""End to end: the tiny project every end-to-end test runs (`write_project`), a run that stops
+at a stage that yields nothing, and Ray Jobs submitted to a real local Ray head started by the
+test. The run killed after retrieval and resumed from transform, through the real CLI, is in
+test_cli_console (with every stage verb's --json)."""
 
 import json
 import os
@@ -16,8 +18,6 @@ from conftest import REPO, free_port, wait_for_port
 from replay_teacher import ReplayTeacher
 
 from rebase_ray import submit
-from rebase_ray.config import load_pipeline
-from rebase_ray.pipeline import run
 
 TOPICS = ["sport", "business"]
 
@@ -84,83 +84,6 @@ def replay(prompt: str) -> str:
     n = abs(hash(subject)) % 10_000
     return json.dumps({"input": f"News item {n}: a story about {topic} number {n}.",
                        "output": topic})
-
-
-@pytest.mark.slow
-def test_run_killed_after_retrieve_resumes_from_transform(ray_cluster, s3_bucket, tmp_path):
-    """The whole pipeline with its artifacts on the S3 server, killed after retrieval and
-    resumed: every stage reads and writes there (the datastore, the shard actors' retrieval,
-    transform, distill, the baselines, Ray Train's checkpoints, the report)."""
-    from rebase_ray.storage import Storage
-
-    root = f"{s3_bucket}/artifacts"
-    st = Storage.for_uri(root)
-    with ReplayTeacher(replay) as teacher:
-        path = write_project(tmp_path, teacher_url=teacher.url,
-                             baselines=("fewshot", "synthetic"), storage_root=root)
-        # the run joins the session's Ray (a process starting its own: test_runtime): the kill
-        # ends the run's process group, and Ray then ends the job of the killed driver
-        env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-               "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "rebase_ray.cli", "run", str(path)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        manifest = f"{root}/run.json"
-        try:
-            deadline = time.time() + 400
-            while time.time() < deadline:
-                if st.exists(manifest) and "retrieve" in st.read_json(manifest)["stages"]:
-                    break
-                assert proc.poll() is None, "the run ended before retrieval finished"
-                time.sleep(0.2)
-            else:
-                pytest.fail("retrieval did not finish in time")
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the run and every process it started
-            proc.wait()
-        assert set(st.read_json(manifest)["stages"]) == {"index", "retrieve"}
-        calls_before = len(teacher.chat_requests())
-
-        summary = run(load_pipeline(path))
-        status = {row["stage"]: row["status"] for row in summary["stages"]}
-        assert status == {"index": "skipped (up to date)", "retrieve": "skipped (up to date)",
-                          "transform": "done", "distill": "done", "baselines": "done",
-                          "evaluate": "done"}
-        assert len(teacher.chat_requests()) > calls_before
-        assert summary["report"] == f"{root}/evaluate/report.html" and st.exists(
-            summary["report"])
-        # base, both baselines and the distilled student, side by side per domain
-        assert [r["domain"] for r in summary["comparison"]] == [
-            "business", "sport", "(macro)", "(micro)"]
-        assert set(summary["comparison"][0]) == {"metric", "domain", "base", "fewshot",
-                                                 "synthetic", "rebase-ray"}
-        report = st.read_json(f"{root}/evaluate/report.json")
-        assert list(report["evaluation"]["runs"]) == ["base", "fewshot", "synthetic", "trained"]
-
-        # each baseline trained on what it claims
-        stages = st.read_json(manifest)["stages"]
-        made = {b["baseline"]: b for b in stages["baselines"]["summary"]["baselines"]}
-        assert made["fewshot"]["examples"] == 1  # the task's one few-shot example
-        synth = st.read_json(f"{root}/baselines/synthetic/stats.json")
-        transformed = stages["transform"]["summary"]
-        assert made["synthetic"]["prompts"] == transformed["counts"]["retrieved"] == 8
-        assert made["synthetic"]["request_budget"] == (
-            transformed["teacher"]["requests_total"] + stages["distill"]["summary"]["calls"])
-        assert made["synthetic"]["requests"] <= made["synthetic"]["request_budget"]
-        assert made["synthetic"]["examples"] == synth["counts"]["kept"] >= 1
-        for name in ("fewshot", "synthetic"):
-            trained = st.read_json(f"{root}/baselines/{name}/train/train_summary.json")
-            assert made[name]["adapter"] == trained["adapter"]
-            assert made[name]["adapter"].startswith(f"{root}/baselines/{name}/train/")
-            assert made[name]["train_steps"] == trained["steps"] >= 1  # max_steps 2, or 1 epoch
-        assert st.ls(f"{root}/distill/stage-1/train/checkpoints", "checkpoint_*")
-        hits = [r for r in teacher.chat_requests() if "<record>" not in r["messages"][-1]
-                ["content"] and "Write ONE new example of the task above" in r["messages"][-1]
-                ["content"]]
-        assert len(hits) == 8  # one instruction-only prompt per retrieved row, no record
-
-        again = run(load_pipeline(path))  # everything up to date: no stage reruns
-        assert {row["status"] for row in again["stages"]} == {"skipped (up to date)"}
 
 
 @pytest.mark.slow

@@ -16,32 +16,39 @@ from rebase_ray.config import Resources
 from rebase_ray.runtime import Plan, plan, resolve_resources
 
 
-def ray_processes(root: str) -> list[int]:
-    """PIDs of the processes whose command line names `root` (the Ray temp dir we chose)."""
+def ray_processes(root: str, name: str = "") -> list[int]:
+    """PIDs of the processes whose command line names `root` (the Ray temp dir we chose), and
+    `name` too when given."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if root in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
-                pass
+                continue
+            if root in cmdline and name in cmdline:
+                pids.append(int(proc.name))
     return pids
 
 
-def test_sigterm_shuts_down_the_local_ray_it_started():
+@pytest.mark.parametrize("dashboard", [None, False])
+def test_sigterm_shuts_down_the_local_ray_it_started(dashboard):
+    """With Ray's dashboard (the default) and without it (index, retrieve: `init_ray`)."""
     root = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = root
     script = ("import time\nfrom rebase_ray.runtime import init_ray\n"
               "from rebase_ray.config import RayConfig\n"
-              "init_ray(RayConfig(num_cpus=1))\nprint('up', flush=True)\ntime.sleep(300)\n")
+              f"init_ray(RayConfig(num_cpus=1), dashboard={dashboard})\n"
+              "print('up', flush=True)\ntime.sleep(300)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                             env=env)
     left: list[int] = []
     try:
         assert proc.stdout.readline().strip() == "up"
         assert ray_processes(root), "Ray did not start under RAY_TMPDIR"
+        # without it, Ray keeps a minimal dashboard process: no frontend, no head modules
+        assert bool(ray_processes(root, "--disable-frontend")) == (dashboard is False)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         deadline = time.time() + 30

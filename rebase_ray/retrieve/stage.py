@@ -80,7 +80,7 @@ def _retrieve(jobs: list[tuple[TaskConfig, str]], datastore: str, cfg: RetrieveC
             todo.append((i, task, st, out, key))
     if todo:
         t0 = time.time()
-        init_ray()
+        init_ray(dashboard=False)  # joined or started before (the CLI, `run`): as it was
         retriever = Retriever(datastore, cfg, s3)
         if timing is not None:
             timing["startup_s"] = round(time.time() - t0, 2)
