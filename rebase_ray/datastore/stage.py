@@ -92,7 +92,7 @@ def run(sources: list[SourceConfig], out: str, cfg: IndexConfig,
     """Build (or complete, or extend) the datastore at `out`; returns a summary."""
     start = time.time()
     files = {s.name: list_files(s, s3) for s in sources}  # a source with no file: before Ray
-    init_ray(dashboard=False)  # joined or started before (the CLI, `run`): as it was
+    init_ray(dashboard=False)  # a Ray already up (`run`, a caller) is kept as it is
     st, out = open_storage(out, s3)
     build_hash = cfg.build_hash()
     old = None if force else st.read_manifest(out)

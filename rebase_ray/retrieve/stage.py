@@ -80,7 +80,7 @@ def _retrieve(jobs: list[tuple[TaskConfig, str]], datastore: str, cfg: RetrieveC
             todo.append((i, task, st, out, key))
     if todo:
         t0 = time.time()
-        init_ray(dashboard=False)  # joined or started before (the CLI, `run`): as it was
+        init_ray(dashboard=False)  # a Ray already up (`run`, a caller) is kept as it is
         retriever = Retriever(datastore, cfg, s3)
         if timing is not None:
             timing["startup_s"] = round(time.time() - t0, 2)
