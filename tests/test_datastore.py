@@ -24,12 +24,20 @@ from test_sources import CFG, EXPECTED, write_corpus
 from typer.testing import CliRunner
 
 from rebase_ray.cli import app
-from rebase_ray.config import Resources, SourceConfig
+from rebase_ray.config import IndexConfig, Resources, SourceConfig
 from rebase_ray.datastore import ChecksumError, Datastore, build_datastore, stage
-from rebase_ray.datastore.embed import Embedder, column_vectors, embed_dataset, embed_plan
-from rebase_ray.datastore.encoders import cpu_backend
+from rebase_ray.datastore.embed import (
+    GPU_ENCODE_BATCH,
+    Embedder,
+    column_vectors,
+    embed_dataset,
+    embed_plan,
+    encode_batch_size,
+)
+from rebase_ray.datastore.encoders import CPU_ENCODE_BATCH, cpu_backend
 from rebase_ray.datastore.index import with_datasets
 from rebase_ray.datastore.stage import staging_key
+from rebase_ray.runtime import Plan
 from rebase_ray.storage import StorageError, open_storage
 
 TOTAL_CELLS = sum(c for _, c, _ in EXPECTED.values())
@@ -74,6 +82,13 @@ def indexed(ds: Datastore, i: int) -> np.ndarray:
     return with_datasets(np.asarray(ds.load_vectors(i)), coords @ ds.load_basis(i))
 
 
+def test_encode_batch_size_follows_the_device_unless_set():
+    cpu, gpu = Plan(1, 1.0, 0.0, 2), Plan(1, 1.0, 1.0, 2)
+    assert encode_batch_size(IndexConfig(), cpu) == CPU_ENCODE_BATCH == 16
+    assert encode_batch_size(IndexConfig(), gpu) == GPU_ENCODE_BATCH == 64
+    assert encode_batch_size(IndexConfig(encode_batch_size=32), gpu) == 32
+
+
 def _copy(out: str, tmp_path) -> str:
     dst = str(tmp_path / "copy")
     shutil.copytree(out, dst)
@@ -93,6 +108,7 @@ def test_build_counts_and_layout(built):
     # and the backend that auto chose for this machine at the pool's thread count
     threads = summary["resources"]["threads_per_actor"]
     assert summary["backend"] == cpu_backend(CFG.embedder, threads)["backend"]
+    assert summary["encode_batch_size"] == CFG.encode_batch_size == 8  # set: kept as it is
     ds = Datastore.open(out)
     m = ds.manifest
     assert (m["embedder"], m["dim"], m["metric"]) == ("bundled:minilm", 384, "ip")

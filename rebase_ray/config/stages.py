@@ -39,7 +39,10 @@ class IndexConfig(Strict):
                           "the cells/s, benchmarks/many_sources.py)")
     resources: Resources = how(Resources(), description="the embedding actors (gpus > 0: "
                                "they encode on CUDA); one CPU is left to the reading tasks")
-    encode_batch_size: int = how(64, gt=0, description="sentence-transformers batch")
+    encode_batch_size: int | None = how(
+        None, gt=0, description="texts per forward pass inside an embedding call; unset: 16 on "
+        "CPU actors (a call's texts are sorted by length, so small batches pad less: 2048-cell "
+        "calls at 222.7 cells/s against 195.0 at 64 on 2 cores), 64 on GPU ones")
     piece_cells: int = how(
         1024, gt=0, description="cells per staged piece of embeddings: pieces are "
         "written as they finish and a rerun of a killed build embeds only the missing ones "

@@ -15,10 +15,11 @@ import numpy as np
 import pyarrow as pa
 
 from rebase_ray.config import IndexConfig
-from rebase_ray.datastore.encoders import Backend, load_encoder
+from rebase_ray.datastore.encoders import CPU_ENCODE_BATCH, Backend, load_encoder
 from rebase_ray.runtime import Plan, resolve_resources
 
 VECTOR = "vector"
+GPU_ENCODE_BATCH = 64  # not measured here (no GPU): the default before CPU_ENCODE_BATCH
 
 
 def vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -59,11 +60,17 @@ def embed_dataset(ds, cfg: IndexConfig, pool: Plan, embedder_cls: type = Embedde
         embedder_cls,
         fn_constructor_kwargs={"ref": cfg.embedder, "device": "cuda" if pool.gpus else "cpu",
                                "threads": pool.threads,
-                               "encode_batch_size": cfg.encode_batch_size,
+                               "encode_batch_size": encode_batch_size(cfg, pool),
                                "backend": cfg.backend},
         batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         num_cpus=pool.cpus, num_gpus=pool.gpus)
+
+
+def encode_batch_size(cfg: IndexConfig, pool: Plan) -> int:
+    """Texts per forward pass: `cfg.encode_batch_size`, else `CPU_ENCODE_BATCH` on CPU actors
+    and `GPU_ENCODE_BATCH` on GPU ones."""
+    return cfg.encode_batch_size or (GPU_ENCODE_BATCH if pool.gpus else CPU_ENCODE_BATCH)
 
 
 def embed_plan(cfg: IndexConfig, cells: int) -> Plan:

@@ -32,7 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rebase_ray.config import IndexConfig, S3Config, SourceConfig, config_hash
-from rebase_ray.datastore.embed import VECTOR, column_vectors, embed_dataset, embed_plan
+from rebase_ray.datastore.embed import (
+    VECTOR,
+    column_vectors,
+    embed_dataset,
+    embed_plan,
+    encode_batch_size,
+)
 from rebase_ray.datastore.encoders import resolve_backend
 from rebase_ray.datastore.shards import build_shards, read_partition, shard_name
 from rebase_ray.datastore.store import FORMAT_VERSION
@@ -142,6 +148,7 @@ def run(sources: list[SourceConfig], out: str, cfg: IndexConfig,
             # auto's choice is made here, before the pipeline runs: timed on a quiet machine
             work["backend"] = resolve_backend(cfg.backend, "cuda" if pool.gpus else "cpu",
                                               cfg.embedder, pool.threads)
+            work["encode_batch_size"] = encode_batch_size(cfg, pool)
             embed_dataset(to_embed, cfg.model_copy(update={"backend": work["backend"]}),
                           pool).write_parquet(
                 st.path(staging), filesystem=st.pa_fs, partition_cols=["shard"])
