@@ -27,14 +27,13 @@ from rebase_ray.cli import app
 from rebase_ray.config import IndexConfig, Resources, SourceConfig
 from rebase_ray.datastore import ChecksumError, Datastore, build_datastore, stage
 from rebase_ray.datastore.embed import (
-    GPU_ENCODE_BATCH,
     Embedder,
     column_vectors,
     embed_dataset,
     embed_plan,
     encode_batch_size,
 )
-from rebase_ray.datastore.encoders import CPU_ENCODE_BATCH, cpu_backend
+from rebase_ray.datastore.encoders import CPU_ENCODE_BATCH, GPU_ENCODE_BATCH, cpu_backend
 from rebase_ray.datastore.index import with_datasets
 from rebase_ray.datastore.stage import staging_key
 from rebase_ray.runtime import Plan

@@ -15,11 +15,15 @@ import numpy as np
 import pyarrow as pa
 
 from rebase_ray.config import IndexConfig
-from rebase_ray.datastore.encoders import CPU_ENCODE_BATCH, Backend, load_encoder
+from rebase_ray.datastore.encoders import (
+    CPU_ENCODE_BATCH,
+    GPU_ENCODE_BATCH,
+    Backend,
+    load_encoder,
+)
 from rebase_ray.runtime import Plan, resolve_resources
 
 VECTOR = "vector"
-GPU_ENCODE_BATCH = 64  # not measured here (no GPU): the default before CPU_ENCODE_BATCH
 
 
 def vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:

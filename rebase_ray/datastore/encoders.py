@@ -40,6 +40,7 @@ OPSET = 17
 # batches of sorted texts pad less: 2048-cell calls of the 802-source datastore's cells ran at
 # 222.7 cells/s in batches of 16, 211.5 in 32, 195.0 in 64 (2 threads).
 CPU_ENCODE_BATCH = 16
+GPU_ENCODE_BATCH = 64  # not measured here (no GPU): the default before CPU_ENCODE_BATCH
 SAMPLE_CELLS = 128  # texts timed per backend and round by `cpu_backend`
 SAMPLE_WORDS = (6, 12, 24, 48, 96, 160)  # their lengths, in words, taken in turn
 SAMPLE_VOCAB = ("the of and to in is was for that on with as by at from his an which are this "
