@@ -190,33 +190,17 @@ def set_torch_threads(num_cpus: float, threads: int | None = None) -> int:
     return n
 
 
-def _adapter_folder(adapter: str, s3, tmp: str) -> str:
+def adapter_folder(adapter: str, s3, tmp: str) -> str:
+    """A local folder with the adapter's files: the folder itself, or a download into `tmp`."""
     from rebase_ray.storage import Storage, is_remote
 
     return Storage.for_uri(adapter, s3).download_dir(adapter, tmp) if is_remote(adapter) else adapter
 
 
-def load_adapter(model, adapter: str, s3=None, merge: bool = False):
-    """`model` with a peft LoRA adapter (a folder or an s3:// URI) on top, in eval mode; merged
-    into the weights when `merge` (faster, but the adapter can no longer be switched off)."""
+def load_adapter(model, adapter: str, s3=None):
+    """`model` with a peft LoRA adapter (a folder or an s3:// URI) on top, in eval mode."""
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory(prefix="rebase-ray-adapter-") as tmp:
-        peft_model = PeftModel.from_pretrained(model, _adapter_folder(adapter, s3, tmp))
-    return (peft_model.merge_and_unload() if merge else peft_model).eval()
-
-
-def load_adapters(model, adapters: dict[str, str], s3=None):
-    """`model` with several named LoRA adapters on one copy of the base weights (peft), in eval
-    mode; switch with `set_adapter(name)`, or turn all off with `disable_adapter()`."""
-    from peft import PeftModel
-
-    peft_model = None
-    with tempfile.TemporaryDirectory(prefix="rebase-ray-adapter-") as tmp:
-        for i, (name, adapter) in enumerate(adapters.items()):
-            folder = _adapter_folder(adapter, s3, f"{tmp}/{i}")
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
-            else:
-                peft_model.load_adapter(folder, adapter_name=name)
+        peft_model = PeftModel.from_pretrained(model, adapter_folder(adapter, s3, tmp))
     return peft_model.eval()

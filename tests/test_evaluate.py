@@ -259,6 +259,19 @@ def test_baseline_adapters_in_one_pass_equal_each_model_evaluated_alone(yn_runs)
 
 
 @pytest.mark.slow
+def test_the_next_evaluation_reuses_the_workers_and_their_model(yn_runs):
+    """Evaluations are Ray Data tasks: the worker process, and the model in it, stay for the
+    next evaluation of the same driver (the stages of one run), which loads nothing."""
+    cfg = EvaluateConfig(batch_size=5, max_new_tokens=4,
+                         resources=Resources(actors=1, cpus=0.5, threads=1))
+    first = evaluate(YN, YN_RECORDS, TINY, None, cfg)
+    again = evaluate(YN, YN_RECORDS, TINY, None, cfg)
+    assert first["resources"]["model_loads"] <= 1
+    assert again["resources"]["model_loads"] == 0
+    assert again["runs"] == first["runs"] == yn_runs["alone"]["runs"]
+
+
+@pytest.mark.slow
 def test_label_logprobs_equal_a_forward_pass_by_hand(yn_runs):
     import torch
 

@@ -171,3 +171,59 @@ def test_stop_string_ends_its_row_only(lm):
     assert cut[0][0].text == text[:at]
     assert cut[0][0].completion_tokens < free[0][0].completion_tokens
     assert cut[1][0].text == free[1][0].text  # the other row runs on to its limit
+
+
+def _random_adapter(folder, seed: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rebase_ray.models import resolve
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve(TINY)), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    model.save_pretrained(str(folder))
+
+
+def test_the_resident_model_is_kept_and_a_rewritten_adapter_reloaded(tmp_path):
+    """`resident_lm` (the student kept in a Ray worker between evaluations): the base model
+    loads once; an adapter is keyed by its files, so the same path rewritten with other
+    weights is loaded again and scores as a fresh load; adapters not asked for go."""
+    from peft import PeftModel
+
+    from rebase_ray.generation import resident
+    from rebase_ray.generation.resident import resident_lm, using
+
+    resident._resident = None  # this process may hold another test's model
+    prompt, label = "Is a cat an animal?", ["yes"]
+
+    def score(lm, name):
+        with using(lm, name):
+            return loglikelihood(lm, [prompt], label)[0][0]
+
+    _random_adapter(tmp_path / "a", seed=0)
+    _random_adapter(tmp_path / "b", seed=1)
+    lm, names, loaded = resident_lm(TINY, "float32")
+    base = score(lm, None)
+    assert loaded and names == {}
+    lm, names, loaded = resident_lm(TINY, "float32", {"trained": str(tmp_path / "a")})
+    assert not loaded
+    first = score(lm, names["trained"])
+    assert first != pytest.approx(base, abs=1e-6)
+    assert score(lm, None) == pytest.approx(base, abs=1e-5)  # adapters off: the base model
+
+    _random_adapter(tmp_path / "a", seed=2)  # the same path, new weights
+    lm, names2, loaded = resident_lm(TINY, "float32", {"trained": str(tmp_path / "a"),
+                                                       "other": str(tmp_path / "b")})
+    assert not loaded and names2["trained"] != names["trained"]
+    assert set(lm.model.peft_config) == set(names2.values())  # the stale one was deleted
+    rewritten = score(lm, names2["trained"])
+    assert rewritten != pytest.approx(first, abs=1e-6)
+    fresh = LM.load(TINY, adapter=str(tmp_path / "a"), dtype="float32")
+    assert rewritten == pytest.approx(loglikelihood(fresh, [prompt], label)[0][0], abs=1e-5)
+
+    lm, _, loaded = resident_lm(TINY, "bfloat16")  # another dtype: another model
+    assert loaded and not isinstance(lm.model, PeftModel)
+    resident._resident = None

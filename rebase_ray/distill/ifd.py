@@ -10,9 +10,10 @@ split from the context's as lm-evaluation-harness splits a continuation), so the
 much the input helps the student. A high IFD marks an example the student has not
 learned to follow yet; the highest are selected.
 
-On Ray Data: the candidates flow through `IFDScorer` actors (the model loads once per actor);
-each batch is one `generation.generate` call and one `generation.loglikelihood` call over the
-2·batch (context, answer) pairs: (prompt, ŷ) and (start token, ŷ).
+On Ray Data: the candidates flow through `score_batch` tasks, the student kept in the worker
+process for the run's next IFD pass or evaluation (`generation.resident`); each batch is one
+`generation.generate` call and one `generation.loglikelihood` call over the 2·batch
+(context, answer) pairs: (prompt, ŷ) and (start token, ŷ).
 """
 
 from __future__ import annotations
@@ -49,37 +50,27 @@ def perplexities(lm, prompts: list[str], answers: list[str], max_seq_len: int = 
     return out
 
 
-class IFDScorer:
-    """Ray Data actor: the student answers each candidate's input, then both perplexities of
-    its answer give the candidate's IFD."""
+def score_batch(batch: pd.DataFrame, *, model: str, adapter: str | None, instruction: str,
+                max_new_tokens: int, max_seq_len: int, s3: S3Config | None = None,
+                threads: int | None = None, dtype: str = "auto") -> pd.DataFrame:
+    """A Ray Data batch function: the student answers each candidate's input, then both
+    perplexities of its answer give the candidate's IFD."""
+    from rebase_ray.generation import generate
+    from rebase_ray.generation.resident import resident_lm, using
+    from rebase_ray.models import set_torch_threads
 
-    def __init__(self, model: str, adapter: str | None, instruction: str, max_new_tokens: int,
-                 max_seq_len: int, s3: dict | None = None, threads: int | None = None,
-                 dtype: str = "auto"):
-        from rebase_ray.generation import LM
-        from rebase_ray.models import set_torch_threads
-
-        set_torch_threads(1, threads)
-        # the adapter merged into the weights: faster, and never switched off here
-        self.lm = LM.load(model, adapter, S3Config.model_validate(s3) if s3 else None,
-                          merge=True, dtype=dtype)
-        self.instruction = instruction
-        self.max_new_tokens = max_new_tokens
-        self.max_seq_len = max_seq_len
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from rebase_ray.generation import generate
-
-        prompts = [self.lm.render(student_messages(self.instruction, x)) for x in batch["input"]]
-        answers = [g[0].text for g in generate(self.lm, prompts,
-                                               max_new_tokens=self.max_new_tokens)]
-        ppls = perplexities(self.lm, prompts, answers, self.max_seq_len)
-        batch = batch.copy()
-        batch["student_output"] = answers
-        batch["ppl_conditional"] = [c for c, _ in ppls]
-        batch["ppl_alone"] = [a for _, a in ppls]
-        batch["ifd"] = [c / a if a and not math.isnan(a) else float("nan") for c, a in ppls]
-        return batch
+    set_torch_threads(1, threads)
+    lm, names, _ = resident_lm(model, dtype, {"student": adapter} if adapter else None, s3)
+    prompts = [lm.render(student_messages(instruction, x)) for x in batch["input"]]
+    with using(lm, names.get("student")):
+        answers = [g[0].text for g in generate(lm, prompts, max_new_tokens=max_new_tokens)]
+        ppls = perplexities(lm, prompts, answers, max_seq_len)
+    batch = batch.copy()
+    batch["student_output"] = answers
+    batch["ppl_conditional"] = [c for c, _ in ppls]
+    batch["ppl_alone"] = [a for _, a in ppls]
+    batch["ifd"] = [c / a if a and not math.isnan(a) else float("nan") for c, a in ppls]
+    return batch
 
 
 def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruction: str,
@@ -87,7 +78,7 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
               resources: Resources | None = None, s3: S3Config | None = None,
               dtype: str = "auto") -> tuple[pd.DataFrame, dict]:
     """`candidates` (with an `input` column) plus the columns of IFD_COLUMNS, in input order,
-    and the scorer pool's resources (`resources` resolved from those free now, at most one
+    and the scorers' resources (`resources` resolved from those free now, at most one
     actor per batch; {} when there is nothing to score)."""
     import ray
 
@@ -103,13 +94,11 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
     blocks = max(1, min(len(frame) // batch_size, pool.actors * 4))
     ds = ray.data.from_pandas([frame.iloc[idx] for idx in np.array_split(range(len(frame)),
                                                                          blocks)])
-    scored = ds.map_batches(
-        IFDScorer, batch_size=batch_size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus,
-        num_gpus=pool.gpus,
-        fn_constructor_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
-                               "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len,
-                               "s3": s3.model_dump() if s3 else None,
-                               "threads": pool.threads, "dtype": dtype})
+    scored = ds.map_batches(  # tasks, kept processes: as in `evaluate.infer.predict`
+        score_batch, batch_size=batch_size, batch_format="pandas", concurrency=pool.actors,
+        num_cpus=pool.cpus, num_gpus=pool.gpus, max_calls=0,
+        fn_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
+                   "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len, "s3": s3,
+                   "threads": pool.threads, "dtype": dtype})
     out = scored.to_pandas().sort_values("_order").drop(columns="_order")
     return out.reset_index(drop=True), pool.summary()

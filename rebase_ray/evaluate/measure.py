@@ -59,7 +59,7 @@ def evaluate(task: TaskConfig, records: list[dict], model: str, adapter: str | N
 
     Returns {'task', 'metric', 'keys', 'model', 'adapter', 'n', 'runs': {run: {'domains',
     'macro', 'micro'}}, 'predictions': [{input, output, domain, <run>: {prediction, answer,
-    scores}}], 'seconds', 'resources' (the actor pool's), 'examples_per_s'}; `keys[0]` is the primary score (`METRIC_KEYS`).
+    scores}}], 'seconds', 'resources' (the workers', with `model_loads`), 'examples_per_s'}; `keys[0]` is the primary score (`METRIC_KEYS`).
     Runs: 'base' (the model without any adapter; present without an adapter, with
     `cfg.baseline`, or with an untrained baseline), 'trained' (`adapter`) and one per entry of
     `baselines` ({name: adapter URI}, e.g. students trained on other data; None: a student

@@ -47,17 +47,14 @@ class LM:
 
     @classmethod
     def load(cls, ref: str, adapter: str | None = None, s3=None, device: str | None = None,
-             dtype: str = "auto", merge: bool = False,
-             adapters: dict[str, str] | None = None) -> LM:
-        """The model, with one LoRA `adapter` (optionally merged) or several named `adapters`
-        (switched with `model.set_adapter(name)`)."""
-        from rebase_ray.models import load_adapter, load_adapters, load_causal_lm
+             dtype: str = "auto") -> LM:
+        """The model, with one LoRA `adapter` on top. Evaluation and IFD
+        keep theirs in the worker process instead (`generation.resident`)."""
+        from rebase_ray.models import load_adapter, load_causal_lm
 
         model, tok = load_causal_lm(ref, device=device, dtype=dtype)
         if adapter:
-            model = load_adapter(model, adapter, s3, merge=merge)
-        elif adapters:
-            model = load_adapters(model, adapters, s3)
+            model = load_adapter(model, adapter, s3)
         return cls(model, tok)
 
     @property

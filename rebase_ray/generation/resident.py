@@ -1,0 +1,100 @@
+"""The student model kept in a Ray worker process from one task to the next.
+
+Evaluation and IFD scoring run as Ray Data tasks, not actor pools, so that the stages of one
+run reuse Ray's workers: Ray keeps an idle worker process for the job's next task, and the
+model that one evaluation (or IFD pass) loaded there is still in memory for the next one —
+the distill stages' evaluations, the next stage's IFD, the evaluate stage, `eval` called twice
+from one driver. An actor pool would start new processes, import torch again and reload the
+model every time.
+
+Each process keeps one base model (the last one asked for) and the LoRA adapters of the last
+call that named any, as peft named adapters. An adapter is named after a fingerprint of its
+files (location, size and modification time or ETag), so a rewritten adapter is loaded again;
+the base model is trusted by its reference (`models.resolve`) and dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+
+from rebase_ray.config import S3Config
+from rebase_ray.generation.lm import LM
+
+
+@dataclass
+class _Resident:
+    key: tuple[str, str]
+    lm: LM
+    adapters: set[str] = field(default_factory=set)  # peft names: fingerprints
+
+
+_resident: _Resident | None = None
+
+
+def fingerprint(adapter: str, s3: S3Config | None = None) -> str:
+    """A name for the adapter's files as they are now: their URIs, sizes and modification
+    times (ETags on S3), hashed."""
+    from rebase_ray.storage import Storage
+
+    st = Storage.for_uri(adapter, s3)
+    path = st.path(adapter)
+    st.fs.invalidate_cache(path)
+    files = sorted(st.fs.find(path))
+    if not files:
+        raise FileNotFoundError(f"no adapter files under {adapter}")
+    keys = "\n".join(f"{f} {st.fs.ukey(f)}" for f in files)
+    return "a" + hashlib.sha256(keys.encode()).hexdigest()[:16]
+
+
+def resident_lm(model: str, dtype: str = "auto", adapters: dict[str, str] | None = None,
+                s3: S3Config | None = None) -> tuple[LM, dict[str, str], bool]:
+    """(the LM of `model` with `adapters` ({run: URI}) loaded, {run: peft adapter name},
+    whether the base model was loaded by this call) — loaded once per process and kept.
+
+    Adapters loaded for an earlier call and not named now are deleted (a call that names none
+    keeps them: it uses the base model, with `using(lm, None)`)."""
+    from peft import PeftModel
+
+    from rebase_ray.models import adapter_folder, load_causal_lm
+
+    global _resident
+    key = (model, dtype)
+    loaded = _resident is None or _resident.key != key
+    if loaded:
+        _resident = None  # the old model's memory goes before the new one loads
+        lm_model, tok = load_causal_lm(model, dtype=dtype)
+        _resident = _Resident(key, LM(lm_model, tok))
+    res = _resident
+    names = {run: fingerprint(uri, s3) for run, uri in (adapters or {}).items()}
+    with tempfile.TemporaryDirectory(prefix="rebase-ray-adapter-") as tmp:
+        for run, name in names.items():
+            if name in res.adapters:
+                continue
+            folder = adapter_folder(adapters[run], s3, f"{tmp}/{name}")
+            if not isinstance(res.lm.model, PeftModel):
+                peft_model = PeftModel.from_pretrained(res.lm.model, folder, adapter_name=name)
+                res.lm = LM(peft_model.eval(), res.lm.tokenizer)
+            else:
+                res.lm.model.load_adapter(folder, adapter_name=name)
+                res.lm.model.eval()
+            res.adapters.add(name)
+    if names:
+        res.lm.model.set_adapter(next(iter(names.values())))
+        for stale in res.adapters - set(names.values()):
+            res.lm.model.delete_adapter(stale)
+        res.adapters &= set(names.values())
+    return res.lm, names, loaded
+
+
+def using(lm: LM, adapter: str | None) -> contextlib.AbstractContextManager:
+    """Run `lm` with the peft adapter named `adapter` switched on, or with none (the base
+    model) when `adapter` is None."""
+    if adapter is not None:
+        lm.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+    if hasattr(lm.model, "disable_adapter"):
+        return lm.model.disable_adapter()
+    return contextlib.nullcontext()
