@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -20,6 +21,11 @@ from dataclasses import dataclass
 from rebase_ray.config import RayConfig, Resources
 
 log = logging.getLogger(__name__)
+
+# Ray's setting (read by the raylet from its environment): how long a worker process may stay
+# idle once the node has more workers than CPUs
+KEEP_IDLE_WORKERS = "RAY_idle_worker_killing_time_threshold_ms"
+KEEP_IDLE_WORKERS_MS = str(10 * 60 * 1000)
 
 
 def init_ray(cfg: RayConfig | None = None, dashboard: bool | None = None) -> None:
@@ -33,12 +39,19 @@ def init_ray(cfg: RayConfig | None = None, dashboard: bool | None = None) -> Non
     forwarded to this process (`log_to_driver=False`): stdout carries summaries and --json;
     worker logs stay in Ray's session folder (/tmp/ray/session_latest/logs). The driver's own
     Ray logs (`ray.init`, Ray Data, Serve) go where the `ray` loggers point: the CLI calls
-    `rebase_ray.logs.log_to_file` first, so they land in its log file, not on the console."""
+    `rebase_ray.logs.log_to_file` first, so they land in its log file, not on the console.
+
+    A local Ray keeps an idle worker process for 10 minutes (`KEEP_IDLE_WORKERS`, unless the
+    environment sets it), not Ray's 1 s once there are more workers than CPUs: the student
+    that an evaluation or IFD pass left in its worker (`generation.resident`) is then still
+    there for the run's next one, after the training or teacher stage between them."""
     import ray
 
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
+    if cfg.address is None and not os.environ.get("RAY_ADDRESS"):  # a local Ray starts
+        os.environ.setdefault(KEEP_IDLE_WORKERS, KEEP_IDLE_WORKERS_MS)
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
              include_dashboard=dashboard, log_to_driver=False)
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -105,12 +105,15 @@ def ray_cluster(s3_server):
     Started after the S3 server so that its workers inherit the AWS_* variables, and the two
     below: through the environment, not a job `runtime_env`, with which every worker process
     took about 0.35 s longer to start (0.81-0.92 s against 0.53 s for an empty actor, alone),
-    and the tests start hundreds (each Ray Train run alone starts six)."""
+    and the tests start hundreds (each Ray Train run alone starts six). Through `init_ray`,
+    as the CLI starts it (idle workers kept for the next evaluation)."""
     import ray
 
+    from rebase_ray.config import RayConfig
+    from rebase_ray.runtime import init_ray
+
     os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    init_ray(RayConfig(num_cpus=2), dashboard=True)
     yield ray
     ray.shutdown()
 

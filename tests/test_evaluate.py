@@ -8,6 +8,7 @@ alone."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -261,10 +262,24 @@ def test_baseline_adapters_in_one_pass_equal_each_model_evaluated_alone(yn_runs)
 @pytest.mark.slow
 def test_the_next_evaluation_reuses_the_workers_and_their_model(yn_runs):
     """Evaluations are Ray Data tasks: the worker process, and the model in it, stay for the
-    next evaluation of the same driver (the stages of one run), which loads nothing."""
+    next evaluation of the same driver (the stages of one run), which loads nothing — even
+    when a stage between them started more workers than there are CPUs (with Ray's default,
+    the idle worker was then ended after 1 s and the next evaluation loaded the model)."""
+    import ray
+
+    @ray.remote(num_cpus=0.25)
+    class Stage:  # what a training stage starts: workers beyond the CPUs, for a while
+        def ready(self) -> bool:
+            return True
+
     cfg = EvaluateConfig(batch_size=5, max_new_tokens=4,
                          resources=Resources(actors=1, cpus=0.5, threads=1))
     first = evaluate(YN, YN_RECORDS, TINY, None, cfg)
+    stage = [Stage.remote() for _ in range(6)]
+    ray.get([s.ready.remote() for s in stage])
+    time.sleep(3)
+    for s in stage:
+        ray.kill(s)
     again = evaluate(YN, YN_RECORDS, TINY, None, cfg)
     assert first["resources"]["model_loads"] <= 1
     assert again["resources"]["model_loads"] == 0
