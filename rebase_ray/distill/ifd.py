@@ -54,13 +54,14 @@ def score_batch(batch: pd.DataFrame, *, model: str, adapter: str | None, instruc
                 max_new_tokens: int, max_seq_len: int, s3: S3Config | None = None,
                 threads: int | None = None, dtype: str = "auto") -> pd.DataFrame:
     """A Ray Data batch function: the student answers each candidate's input, then both
-    perplexities of its answer give the candidate's IFD."""
+    perplexities of its answer give the candidate's IFD; `_loaded` is True on the first row
+    of a batch that had to load the model."""
     from rebase_ray.generation import generate
     from rebase_ray.generation.resident import resident_lm, using
     from rebase_ray.models import set_torch_threads
 
     set_torch_threads(1, threads)
-    lm, names, _ = resident_lm(model, dtype, {"student": adapter} if adapter else None, s3)
+    lm, names, loaded = resident_lm(model, dtype, {"student": adapter} if adapter else None, s3)
     prompts = [lm.render(student_messages(instruction, x)) for x in batch["input"]]
     with using(lm, names.get("student")):
         answers = [g[0].text for g in generate(lm, prompts, max_new_tokens=max_new_tokens)]
@@ -70,6 +71,7 @@ def score_batch(batch: pd.DataFrame, *, model: str, adapter: str | None, instruc
     batch["ppl_conditional"] = [c for c, _ in ppls]
     batch["ppl_alone"] = [a for _, a in ppls]
     batch["ifd"] = [c / a if a and not math.isnan(a) else float("nan") for c, a in ppls]
+    batch["_loaded"] = [i == 0 and loaded for i in range(len(batch))]  # sums to the loads
     return batch
 
 
@@ -79,7 +81,8 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
               dtype: str = "auto") -> tuple[pd.DataFrame, dict]:
     """`candidates` (with an `input` column) plus the columns of IFD_COLUMNS, in input order,
     and the scorers' resources (`resources` resolved from those free now, at most one
-    actor per batch; {} when there is nothing to score)."""
+    worker per batch, with `model_loads` as in `evaluate.infer.predict`; {} when there is
+    nothing to score)."""
     import ray
 
     if candidates.empty:
@@ -100,5 +103,7 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
         fn_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
                    "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len, "s3": s3,
                    "threads": pool.threads, "dtype": dtype})
-    out = scored.to_pandas().sort_values("_order").drop(columns="_order")
-    return out.reset_index(drop=True), pool.summary()
+    out = scored.to_pandas().sort_values("_order")
+    loads = int(out["_loaded"].sum())
+    out = out.drop(columns=["_order", "_loaded"]).reset_index(drop=True)
+    return out, {**pool.summary(), "model_loads": loads}
