@@ -189,41 +189,46 @@ def _random_adapter(folder, seed: int) -> None:
 
 def test_the_resident_model_is_kept_and_a_rewritten_adapter_reloaded(tmp_path):
     """`resident_lm` (the student kept in a Ray worker between evaluations): the base model
-    loads once; an adapter is keyed by its files, so the same path rewritten with other
-    weights is loaded again and scores as a fresh load; adapters not asked for go."""
+    loads once; an adapter is named by the fingerprint of its files, so the same path
+    rewritten with other weights gets a new name, is loaded again and scores as a fresh load;
+    adapters not asked for go."""
     from peft import PeftModel
 
     from rebase_ray.generation import resident
-    from rebase_ray.generation.resident import resident_lm, using
+    from rebase_ray.generation.resident import fingerprint, resident_lm, using
 
     resident._resident = None  # this process may hold another test's model
     prompt, label = "Is a cat an animal?", ["yes"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
 
     def score(lm, name):
         with using(lm, name):
             return loglikelihood(lm, [prompt], label)[0][0]
 
-    _random_adapter(tmp_path / "a", seed=0)
-    _random_adapter(tmp_path / "b", seed=1)
-    lm, names, loaded = resident_lm(TINY, "float32")
+    _random_adapter(a, seed=0)
+    _random_adapter(b, seed=1)
+    lm, loaded = resident_lm(TINY, "float32")
     base = score(lm, None)
-    assert loaded and names == {}
-    lm, names, loaded = resident_lm(TINY, "float32", {"trained": str(tmp_path / "a")})
+    assert loaded
+    first_name = fingerprint(a)
+    assert fingerprint(a) == first_name  # the same files, the same name
+    lm, loaded = resident_lm(TINY, "float32", {first_name: a})
     assert not loaded
-    first = score(lm, names["trained"])
+    first = score(lm, first_name)
     assert first != pytest.approx(base, abs=1e-6)
     assert score(lm, None) == pytest.approx(base, abs=1e-5)  # adapters off: the base model
 
-    _random_adapter(tmp_path / "a", seed=2)  # the same path, new weights
-    lm, names2, loaded = resident_lm(TINY, "float32", {"trained": str(tmp_path / "a"),
-                                                       "other": str(tmp_path / "b")})
-    assert not loaded and names2["trained"] != names["trained"]
-    assert set(lm.model.peft_config) == set(names2.values())  # the stale one was deleted
-    rewritten = score(lm, names2["trained"])
+    _random_adapter(a, seed=2)  # the same path, new weights
+    names = {fingerprint(a): a, fingerprint(b): b}
+    assert first_name not in names
+    lm, loaded = resident_lm(TINY, "float32", names)
+    assert not loaded
+    assert set(lm.model.peft_config) == set(names)  # the stale one was deleted
+    rewritten = score(lm, fingerprint(a))
     assert rewritten != pytest.approx(first, abs=1e-6)
-    fresh = LM.load(TINY, adapter=str(tmp_path / "a"), dtype="float32")
+    fresh = LM.load(TINY, adapter=a, dtype="float32")
     assert rewritten == pytest.approx(loglikelihood(fresh, [prompt], label)[0][0], abs=1e-5)
 
-    lm, _, loaded = resident_lm(TINY, "bfloat16")  # another dtype: another model
+    lm, loaded = resident_lm(TINY, "bfloat16")  # another dtype: another model
     assert loaded and not isinstance(lm.model, PeftModel)
     resident._resident = None

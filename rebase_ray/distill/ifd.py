@@ -50,20 +50,22 @@ def perplexities(lm, prompts: list[str], answers: list[str], max_seq_len: int = 
     return out
 
 
-def score_batch(batch: pd.DataFrame, *, model: str, adapter: str | None, instruction: str,
+def score_batch(batch: pd.DataFrame, *, model: str, adapter: tuple[str, str] | None,
+                instruction: str,
                 max_new_tokens: int, max_seq_len: int, s3: S3Config | None = None,
                 threads: int | None = None, dtype: str = "auto") -> pd.DataFrame:
     """A Ray Data batch function: the student answers each candidate's input, then both
     perplexities of its answer give the candidate's IFD; `_loaded` is True on the first row
-    of a batch that had to load the model."""
+    of a batch that had to load the model. `adapter`: (peft name, URI), see
+    `generation.resident`."""
     from rebase_ray.generation import generate
     from rebase_ray.generation.resident import resident_lm, using
     from rebase_ray.models import set_torch_threads
 
     set_torch_threads(1, threads)
-    lm, names, loaded = resident_lm(model, dtype, {"student": adapter} if adapter else None, s3)
+    lm, loaded = resident_lm(model, dtype, {adapter[0]: adapter[1]} if adapter else None, s3)
     prompts = [lm.render(student_messages(instruction, x)) for x in batch["input"]]
-    with using(lm, names.get("student")):
+    with using(lm, adapter[0] if adapter else None):
         answers = [g[0].text for g in generate(lm, prompts, max_new_tokens=max_new_tokens)]
         ppls = perplexities(lm, prompts, answers, max_seq_len)
     batch = batch.copy()
@@ -85,6 +87,8 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
     nothing to score)."""
     import ray
 
+    from rebase_ray.generation.resident import fingerprint
+
     if candidates.empty:
         return candidates.assign(**{c: pd.Series(dtype=object if c == "student_output"
                                                  else float) for c in IFD_COLUMNS}), {}
@@ -100,7 +104,8 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
     scored = ds.map_batches(  # tasks, kept processes: as in `evaluate.infer.predict`
         score_batch, batch_size=batch_size, batch_format="pandas", concurrency=pool.actors,
         num_cpus=pool.cpus, num_gpus=pool.gpus, max_calls=0,
-        fn_kwargs={"model": model, "adapter": adapter, "instruction": instruction,
+        fn_kwargs={"model": model, "instruction": instruction,
+                   "adapter": (fingerprint(adapter, s3), adapter) if adapter else None,
                    "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len, "s3": s3,
                    "threads": pool.threads, "dtype": dtype})
     out = scored.to_pandas().sort_values("_order")

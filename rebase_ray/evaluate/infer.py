@@ -24,13 +24,14 @@ BASE = "base"
 
 
 def answer_batch(batch: dict[str, np.ndarray], *, model: str, adapters: dict[str, str],
-                 runs: list[str], instruction: str, labels: list[str] | None,
+                 runs: dict[str, str | None], instruction: str, labels: list[str] | None,
                  max_new_tokens: int, max_seq_len: int, batch_size: int, dtype: str = "auto",
                  s3: S3Config | None = None, threads: int = 1, generative: bool = True
                  ) -> dict[str, np.ndarray]:
     """A Ray Data batch function: per input, the greedy reply and (with `labels`) the
     log-likelihood of each label after the prompt, in columns `<run>_reply` and
-    `<run>_logprobs`, for each run of `runs` (`base`, or the name of an adapter); and
+    `<run>_logprobs`, for each run of `runs` ({run: its adapter's peft name, None for the
+    base model}; `adapters`: {peft name: URI}, see `generation.resident`); and
     `loaded`: True on the first row of a batch that had to load the base model (not kept
     from an earlier task), so the column sums to the loads."""
     from rebase_ray.generation import choice_loglikelihood, generate
@@ -38,12 +39,12 @@ def answer_batch(batch: dict[str, np.ndarray], *, model: str, adapters: dict[str
     from rebase_ray.models import set_torch_threads
 
     set_torch_threads(1, threads)
-    lm, names, loaded = resident_lm(model, dtype, adapters, s3)
+    lm, loaded = resident_lm(model, dtype, adapters, s3)
     generative = generative or not labels  # without labels, the reply is the answer
     prompts = [lm.render(student_messages(instruction, str(x))) for x in batch["input"]]
     out = {"idx": batch["idx"], "loaded": np.arange(len(prompts)) < int(loaded)}
-    for run in runs:
-        with using(lm, names.get(run)):
+    for run, adapter in runs.items():
+        with using(lm, adapter):
             if generative:
                 replies = [g[0].text for g in generate(lm, prompts,
                                                        max_new_tokens=max_new_tokens)]
@@ -68,7 +69,10 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
     model, 0 when every worker kept it from an earlier evaluation or IFD pass."""
     import ray
 
-    runs = ([BASE] if base or not adapters else []) + list(adapters)
+    from rebase_ray.generation.resident import fingerprint
+
+    named = {run: fingerprint(uri, s3) for run, uri in adapters.items()}  # once, here
+    runs = {**({BASE: None} if base or not adapters else {}), **named}
     init_ray()
     batches = math.ceil(len(inputs) / cfg.batch_size)
     pool = resolve_resources(cfg.resources, most=batches)
@@ -84,7 +88,8 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
     # GPU task's process too (Ray's default ends it after each GPU task)
     ds = ds.map_batches(
         answer_batch,
-        fn_kwargs={"model": model, "adapters": adapters, "runs": runs,
+        fn_kwargs={"model": model, "runs": runs,
+                   "adapters": {named[run]: uri for run, uri in adapters.items()},
                    "instruction": instruction, "labels": labels,
                    "max_new_tokens": cfg.max_new_tokens, "max_seq_len": cfg.max_seq_len,
                    "batch_size": cfg.batch_size, "dtype": cfg.dtype, "s3": s3,

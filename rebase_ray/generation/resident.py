@@ -35,8 +35,8 @@ _resident: _Resident | None = None
 
 
 def fingerprint(adapter: str, s3: S3Config | None = None) -> str:
-    """A name for the adapter's files as they are now: their URIs, sizes and modification
-    times (ETags on S3), hashed."""
+    """A peft name for the adapter's files as they are now: their URIs, sizes and
+    modification times (ETags on S3), hashed."""
     from rebase_ray.storage import Storage
 
     st = Storage.for_uri(adapter, s3)
@@ -50,9 +50,10 @@ def fingerprint(adapter: str, s3: S3Config | None = None) -> str:
 
 
 def resident_lm(model: str, dtype: str = "auto", adapters: dict[str, str] | None = None,
-                s3: S3Config | None = None) -> tuple[LM, dict[str, str], bool]:
-    """(the LM of `model` with `adapters` ({run: URI}) loaded, {run: peft adapter name},
-    whether the base model was loaded by this call) — loaded once per process and kept.
+                s3: S3Config | None = None) -> tuple[LM, bool]:
+    """(the LM of `model` with `adapters` loaded, whether the base model was loaded by this
+    call): loaded once per process and kept. `adapters`: {peft name: URI}, each named by the
+    driver with `fingerprint` (once per evaluation, not once per batch).
 
     Adapters loaded for an earlier call and not named now are deleted (a call that names none
     keeps them: it uses the base model, with `using(lm, None)`)."""
@@ -67,34 +68,35 @@ def resident_lm(model: str, dtype: str = "auto", adapters: dict[str, str] | None
         _resident = None  # the old model's memory goes before the new one loads
         lm_model, tok = load_causal_lm(model, dtype=dtype)
         _resident = _Resident(key, LM(lm_model, tok))
-    res = _resident
-    names = {run: fingerprint(uri, s3) for run, uri in (adapters or {}).items()}
+    res, wanted = _resident, dict(adapters or {})
     with tempfile.TemporaryDirectory(prefix="rebase-ray-adapter-") as tmp:
-        for run, name in names.items():
+        for name, uri in wanted.items():
             if name in res.adapters:
                 continue
-            folder = adapter_folder(adapters[run], s3, f"{tmp}/{name}")
-            if not isinstance(res.lm.model, PeftModel):
-                peft_model = PeftModel.from_pretrained(res.lm.model, folder, adapter_name=name)
-                res.lm = LM(peft_model.eval(), res.lm.tokenizer)
-            else:
+            folder = adapter_folder(uri, s3, f"{tmp}/{name}")
+            if isinstance(res.lm.model, PeftModel):
                 res.lm.model.load_adapter(folder, adapter_name=name)
-                res.lm.model.eval()
+            else:
+                res.lm = LM(PeftModel.from_pretrained(res.lm.model, folder, adapter_name=name),
+                            res.lm.tokenizer)
+            res.lm.model.eval()
             res.adapters.add(name)
-    if names:
-        res.lm.model.set_adapter(next(iter(names.values())))
-        for stale in res.adapters - set(names.values()):
+    if wanted:
+        res.lm.model.set_adapter(next(iter(wanted)))
+        for stale in res.adapters - set(wanted):
             res.lm.model.delete_adapter(stale)
-        res.adapters &= set(names.values())
-    return res.lm, names, loaded
+        res.adapters &= set(wanted)
+    return res.lm, loaded
 
 
 def using(lm: LM, adapter: str | None) -> contextlib.AbstractContextManager:
     """Run `lm` with the peft adapter named `adapter` switched on, or with none (the base
     model) when `adapter` is None."""
+    from peft import PeftModel
+
     if adapter is not None:
         lm.model.set_adapter(adapter)
         return contextlib.nullcontext()
-    if hasattr(lm.model, "disable_adapter"):
+    if isinstance(lm.model, PeftModel):
         return lm.model.disable_adapter()
     return contextlib.nullcontext()
