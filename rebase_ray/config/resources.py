@@ -1,5 +1,5 @@
-"""`Resources`: what every pool of Ray actors asks for (embedding actors, shard actors, IFD
-scorers, evaluation actors, Ray Train workers), one model under one name in every stage, and
+"""`Resources`: what every pool of Ray workers asks for (embedding actors, shard actors, IFD
+and evaluation tasks, Ray Train workers), one model under one name in every stage, and
 `moved`: the old per-stage keys (`num_cpus_per_actor`, `ifd_num_cpus`, `shard_cpus`,
 `build_cpus`, `cpus_per_worker`, `torch_threads`, ...) read onto it with a warning naming the
 new key (`renamed`: the validator a config class declares for that). Unset fields are resolved

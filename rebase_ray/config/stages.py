@@ -244,7 +244,8 @@ class DistillConfig(Strict):
         default=4, gt=0, description="head candidates scored per unit of quota (IFD cost cap)")
     ifd_batch_size: int = how(8, gt=0)
     ifd_max_new_tokens: int = Field(default=64, gt=0, description="length of the student's ŷ")
-    ifd_resources: Resources = how(Resources(), description="the IFD scoring actors")
+    ifd_resources: Resources = how(Resources(), description="the IFD scoring workers (Ray "
+                                   "Data tasks; `actors`: how many run at once)")
     ifd_dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
@@ -321,7 +322,8 @@ class EvaluateConfig(Strict):
     max_seq_len: int = Field(
         default=1024, gt=1, description="tokens of prompt + label when labels are ranked by "
         "log-likelihood; a longer prompt is cut from the left")
-    resources: Resources = how(Resources(), description="the evaluation actors")
+    resources: Resources = how(Resources(), description="the evaluation workers (Ray Data "
+                               "tasks; `actors`: how many run at once)")
     dtype: Dtype = Field(default="auto", description=AUTO_DTYPE)
     max_examples: int | None = Field(default=None, gt=0)
     code_timeout_s: float = Field(default=10, gt=0)
