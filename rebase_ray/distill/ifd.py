@@ -87,7 +87,7 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
     nothing to score)."""
     import ray
 
-    from rebase_ray.generation.resident import fingerprint
+    from rebase_ray.generation.resident import fingerprint, map_resident
 
     if candidates.empty:
         return candidates.assign(**{c: pd.Series(dtype=object if c == "student_output"
@@ -101,13 +101,13 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
     blocks = max(1, min(len(frame) // batch_size, pool.actors * 4))
     ds = ray.data.from_pandas([frame.iloc[idx] for idx in np.array_split(range(len(frame)),
                                                                          blocks)])
-    scored = ds.map_batches(  # tasks, kept processes: as in `evaluate.infer.predict`
-        score_batch, batch_size=batch_size, batch_format="pandas", concurrency=pool.actors,
-        num_cpus=pool.cpus, num_gpus=pool.gpus, max_calls=0,
-        fn_kwargs={"model": model, "instruction": instruction,
-                   "adapter": (fingerprint(adapter, s3), adapter) if adapter else None,
-                   "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len, "s3": s3,
-                   "threads": pool.threads, "dtype": dtype})
+    scored = map_resident(  # as in `evaluate.infer.predict`
+        ds, score_batch,
+        {"model": model, "instruction": instruction,
+         "adapter": (fingerprint(adapter, s3), adapter) if adapter else None,
+         "max_new_tokens": max_new_tokens, "max_seq_len": max_seq_len, "s3": s3,
+         "threads": pool.threads, "dtype": dtype},
+        pool, batch_size=batch_size, batch_format="pandas")
     out = scored.to_pandas().sort_values("_order")
     loads = int(out["_loaded"].sum())
     out = out.drop(columns=["_order", "_loaded"]).reset_index(drop=True)

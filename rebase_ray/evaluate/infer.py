@@ -69,7 +69,7 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
     model, 0 when every worker kept it from an earlier evaluation or IFD pass."""
     import ray
 
-    from rebase_ray.generation.resident import fingerprint
+    from rebase_ray.generation.resident import fingerprint, map_resident
 
     named = {run: fingerprint(uri, s3) for run, uri in adapters.items()}  # once, here
     runs = {**({BASE: None} if base or not adapters else {}), **named}
@@ -83,20 +83,16 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
     ds = ray.data.from_arrow([pa.table({"idx": list(range(i, min(i + step, len(inputs)))),
                                         "input": inputs[i:i + step]})
                               for i in range(0, len(inputs), step)])
-    # tasks, not an actor pool: the worker processes, and the model in them, outlive this
-    # evaluation for the next one of the run (`generation.resident`); `max_calls=0` keeps a
-    # GPU task's process too (Ray's default ends it after each GPU task)
-    ds = ds.map_batches(
-        answer_batch,
-        fn_kwargs={"model": model, "runs": runs,
-                   "adapters": {named[run]: uri for run, uri in adapters.items()},
-                   "instruction": instruction, "labels": labels,
-                   "max_new_tokens": cfg.max_new_tokens, "max_seq_len": cfg.max_seq_len,
-                   "batch_size": cfg.batch_size, "dtype": cfg.dtype, "s3": s3,
-                   "threads": pool.threads, "generative": cfg.generative},
-        batch_size=cfg.batch_size, concurrency=pool.actors,
-        num_cpus=pool.cpus, num_gpus=pool.gpus, max_calls=0,
-    )
+    # on CPU, tasks: the worker processes, and the model in them, outlive this evaluation for
+    # the next one of the run (`generation.resident`)
+    ds = map_resident(
+        ds, answer_batch,
+        {"model": model, "runs": runs,
+         "adapters": {named[run]: uri for run, uri in adapters.items()},
+         "instruction": instruction, "labels": labels, "max_new_tokens": cfg.max_new_tokens,
+         "max_seq_len": cfg.max_seq_len, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+         "s3": s3, "threads": pool.threads, "generative": cfg.generative},
+        pool, batch_size=cfg.batch_size)
     rows, loads = [], 0
     with progress.task(f"evaluate: examples × {len(runs)} model(s)", total=len(inputs)) as advance:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,16 +1,21 @@
 """The student model kept in a Ray worker process from one task to the next.
 
-Evaluation and IFD scoring run as Ray Data tasks, not actor pools, so that the stages of one
-run reuse Ray's workers: Ray keeps an idle worker process for the job's next task, and the
-model that one evaluation (or IFD pass) loaded there is still in memory for the next one —
-the distill stages' evaluations, the next stage's IFD, the evaluate stage, `eval` called twice
-from one driver. An actor pool would start new processes, import torch again and reload the
-model every time.
+On CPUs, evaluation and IFD scoring run as Ray Data tasks, not actor pools, so that the
+stages of one run reuse Ray's workers: Ray keeps an idle worker process for the job's next
+task, and the model that one evaluation (or IFD pass) loaded there is still in memory for the
+next one — the distill stages' evaluations, the next stage's IFD, the evaluate stage, `eval`
+called twice from one driver. An actor pool would start new processes, import torch again
+and reload the model every time.
 
 Each process keeps one base model (the last one asked for) and the LoRA adapters of the last
 call that named any, as peft named adapters. An adapter is named after a fingerprint of its
 files (location, size and modification time or ETag), so a rewritten adapter is loaded again;
 the base model is trusted by its reference (`models.resolve`) and dtype.
+
+On GPUs the batches go to an actor pool instead (`map_resident`): Ray assigns a task's GPU
+through CUDA_VISIBLE_DEVICES, which a process that already started CUDA no longer follows, so
+a kept process could compute on a GPU that Ray has given to another task. An actor keeps its
+GPU; the model then loads once per actor, for one evaluation or IFD pass.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rebase_ray.config import S3Config
 from rebase_ray.generation.lm import LM
+from rebase_ray.runtime import Plan
 
 
 @dataclass
@@ -100,3 +108,27 @@ def using(lm: LM, adapter: str | None) -> contextlib.AbstractContextManager:
     if isinstance(lm.model, PeftModel):
         return lm.model.disable_adapter()
     return contextlib.nullcontext()
+
+
+class _OnActor:
+    """A Ray Data callable class around a batch function: one actor keeps its GPU."""
+
+    def __init__(self, fn: Callable, kwargs: dict[str, Any]):
+        self.fn, self.kwargs = fn, kwargs
+
+    def __call__(self, batch: Any) -> Any:
+        return self.fn(batch, **self.kwargs)
+
+
+def map_resident(ds: Any, fn: Callable, kwargs: dict[str, Any], pool: Plan, **opts: Any) -> Any:
+    """`ds.map_batches(fn, **opts)` with `fn(batch, **kwargs)` on `pool`'s workers: on CPU,
+    tasks whose processes Ray keeps (with the model `fn` left in them) for the run's next
+    pass; on GPU, an actor pool (see above)."""
+    import ray
+
+    if pool.gpus > 0:
+        return ds.map_batches(_OnActor, fn_constructor_kwargs={"fn": fn, "kwargs": kwargs},
+                              compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                              num_cpus=pool.cpus, num_gpus=pool.gpus, **opts)
+    return ds.map_batches(fn, fn_kwargs=kwargs, concurrency=pool.actors, num_cpus=pool.cpus,
+                          **opts)
