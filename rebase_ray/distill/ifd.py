@@ -55,11 +55,10 @@ def score_batch(batch: pd.DataFrame, *, model: str, adapter: tuple[str, str] | N
                 max_new_tokens: int, max_seq_len: int, s3: S3Config | None = None,
                 threads: int | None = None, dtype: str = "auto") -> pd.DataFrame:
     """A Ray Data batch function: the student answers each candidate's input, then both
-    perplexities of its answer give the candidate's IFD; `_loaded` is True on the first row
-    of a batch that had to load the model. `adapter`: (peft name, URI), see
-    `generation.resident`."""
+    perplexities of its answer give the candidate's IFD; and the model loads
+    (`resident.LOADED`). `adapter`: (peft name, URI), see `generation.resident`."""
     from rebase_ray.generation import generate
-    from rebase_ray.generation.resident import resident_lm, using
+    from rebase_ray.generation.resident import LOADED, loaded_marks, resident_lm, using
     from rebase_ray.models import set_torch_threads
 
     set_torch_threads(1, threads)
@@ -73,7 +72,7 @@ def score_batch(batch: pd.DataFrame, *, model: str, adapter: tuple[str, str] | N
     batch["ppl_conditional"] = [c for c, _ in ppls]
     batch["ppl_alone"] = [a for _, a in ppls]
     batch["ifd"] = [c / a if a and not math.isnan(a) else float("nan") for c, a in ppls]
-    batch["_loaded"] = [i == 0 and loaded for i in range(len(batch))]  # sums to the loads
+    batch[LOADED] = loaded_marks(len(batch), loaded)
     return batch
 
 
@@ -87,7 +86,7 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
     nothing to score)."""
     import ray
 
-    from rebase_ray.generation.resident import fingerprint, map_resident
+    from rebase_ray.generation.resident import LOADED, fingerprint, map_resident
 
     if candidates.empty:
         return candidates.assign(**{c: pd.Series(dtype=object if c == "student_output"
@@ -109,6 +108,6 @@ def score_ifd(candidates: pd.DataFrame, model: str, adapter: str | None, instruc
          "threads": pool.threads, "dtype": dtype},
         pool, batch_size=batch_size, batch_format="pandas")
     out = scored.to_pandas().sort_values("_order")
-    loads = int(out["_loaded"].sum())
-    out = out.drop(columns=["_order", "_loaded"]).reset_index(drop=True)
+    loads = int(out[LOADED].sum())
+    out = out.drop(columns=["_order", LOADED]).reset_index(drop=True)
     return out, {**pool.summary(), "model_loads": loads}

@@ -31,18 +31,17 @@ def answer_batch(batch: dict[str, np.ndarray], *, model: str, adapters: dict[str
     """A Ray Data batch function: per input, the greedy reply and (with `labels`) the
     log-likelihood of each label after the prompt, in columns `<run>_reply` and
     `<run>_logprobs`, for each run of `runs` ({run: its adapter's peft name, None for the
-    base model}; `adapters`: {peft name: URI}, see `generation.resident`); and
-    `loaded`: True on the first row of a batch that had to load the base model (not kept
-    from an earlier task), so the column sums to the loads."""
+    base model}; `adapters`: {peft name: URI}, see `generation.resident`); and the
+    model loads (`resident.LOADED`)."""
     from rebase_ray.generation import choice_loglikelihood, generate
-    from rebase_ray.generation.resident import resident_lm, using
+    from rebase_ray.generation.resident import LOADED, loaded_marks, resident_lm, using
     from rebase_ray.models import set_torch_threads
 
     set_torch_threads(1, threads)
     lm, loaded = resident_lm(model, dtype, adapters, s3)
     generative = generative or not labels  # without labels, the reply is the answer
     prompts = [lm.render(student_messages(instruction, str(x))) for x in batch["input"]]
-    out = {"idx": batch["idx"], "loaded": np.arange(len(prompts)) < int(loaded)}
+    out = {"idx": batch["idx"], LOADED: np.array(loaded_marks(len(prompts), loaded))}
     for run, adapter in runs.items():
         with using(lm, adapter):
             if generative:
@@ -69,7 +68,7 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
     model, 0 when every worker kept it from an earlier evaluation or IFD pass."""
     import ray
 
-    from rebase_ray.generation.resident import fingerprint, map_resident
+    from rebase_ray.generation.resident import LOADED, fingerprint, map_resident
 
     named = {run: fingerprint(uri, s3) for run, uri in adapters.items()}  # once, here
     runs = {**({BASE: None} if base or not adapters else {}), **named}
@@ -98,7 +97,7 @@ def predict(inputs: list[str], instruction: str, labels: list[str] | None, model
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(batch["idx"])
             rows += [{k: v[i] for k, v in batch.items()} for i in range(n)]
-            loads += int(batch["loaded"].sum())
+            loads += int(batch[LOADED].sum())
             advance(n)
     rows.sort(key=lambda r: int(r["idx"]))
     out: dict[str, list[dict]] = {}

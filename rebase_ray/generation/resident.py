@@ -40,6 +40,7 @@ class _Resident:
 
 
 _resident: _Resident | None = None
+LOADED = "_loaded"  # the column a batch function marks its model loads in (`loaded_marks`)
 
 
 def fingerprint(adapter: str, s3: S3Config | None = None) -> str:
@@ -77,24 +78,30 @@ def resident_lm(model: str, dtype: str = "auto", adapters: dict[str, str] | None
         lm_model, tok = load_causal_lm(model, dtype=dtype)
         _resident = _Resident(key, LM(lm_model, tok))
     res, wanted = _resident, dict(adapters or {})
-    with tempfile.TemporaryDirectory(prefix="rebase-ray-adapter-") as tmp:
-        for name, uri in wanted.items():
-            if name in res.adapters:
-                continue
-            folder = adapter_folder(uri, s3, f"{tmp}/{name}")
-            if isinstance(res.lm.model, PeftModel):
-                res.lm.model.load_adapter(folder, adapter_name=name)
-            else:
-                res.lm = LM(PeftModel.from_pretrained(res.lm.model, folder, adapter_name=name),
-                            res.lm.tokenizer)
-            res.lm.model.eval()
-            res.adapters.add(name)
+    missing = {name: uri for name, uri in wanted.items() if name not in res.adapters}
+    if missing:
+        with tempfile.TemporaryDirectory(prefix="rebase-ray-adapter-") as tmp:
+            for name, uri in missing.items():
+                folder = adapter_folder(uri, s3, f"{tmp}/{name}")
+                if isinstance(res.lm.model, PeftModel):
+                    res.lm.model.load_adapter(folder, adapter_name=name)
+                else:
+                    res.lm = LM(PeftModel.from_pretrained(res.lm.model, folder,
+                                                          adapter_name=name), res.lm.tokenizer)
+                res.lm.model.eval()
+                res.adapters.add(name)
     if wanted:
         res.lm.model.set_adapter(next(iter(wanted)))
         for stale in res.adapters - set(wanted):
             res.lm.model.delete_adapter(stale)
         res.adapters &= set(wanted)
     return res.lm, loaded
+
+
+def loaded_marks(rows: int, loaded: bool) -> list[bool]:
+    """The `LOADED` column of a batch of `rows`: True on its first row when the batch loaded
+    the base model, so the column summed over a pass counts the pass's loads."""
+    return [loaded and i == 0 for i in range(rows)]
 
 
 def using(lm: LM, adapter: str | None) -> contextlib.AbstractContextManager:
